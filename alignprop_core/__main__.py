@@ -1,0 +1,5 @@
+import sys
+
+from alignprop_core.cli import main
+
+sys.exit(main())

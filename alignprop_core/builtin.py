@@ -1,0 +1,24 @@
+"""The built-in plugin: registered through the same hooks as installed plugins."""
+
+from alignprop_core import image_loggers, prompts, rewards
+from alignprop_core.hookspecs import hookimpl
+
+
+@hookimpl
+def register_rewards(register):
+    register("saturation", rewards.Saturation, "mean HSV saturation in [0, 1]; needs no weights")
+    register("contrast", rewards.Contrast, "standard deviation of luma in [0, 0.5]; needs no weights")
+
+
+@hookimpl
+def register_prompt_sources(register):
+    register("simple_animals", prompts.simple_animals, "a random common animal (45 names)")
+    register("imagenet_animals", prompts.imagenet_animals, "a random ImageNet animal class (398 names)")
+    register("nouns_activities", prompts.nouns_activities, "'<noun> <activity>', e.g. 'a fox riding a bike'")
+    register("counting", prompts.counting, "'three cats' with VQA questions/answers metadata")
+    register("from_file", prompts.from_file, "random line of a .txt or record of a .jsonl file (option: path)")
+
+
+@hookimpl
+def register_image_loggers(register):
+    register("folder", image_loggers.FolderLogger, "PNGs and a samples.jsonl under output_dir/images")

@@ -1,0 +1,61 @@
+"""The alignprop plugin hooks: these docstrings are the API reference for plugin authors.
+
+A plugin is a module (or any object) with functions decorated by :data:`hookimpl`, published in the
+``alignprop`` entry-point group of its package::
+
+    [project.entry-points.alignprop]
+    my_reward = "my_package.plugin"
+
+Each hook receives one argument, ``register``, a function to call once per thing the plugin provides. Names
+are global across all installed plugins: registering a name twice is an error that names both plugins.
+"""
+
+from pluggy import HookimplMarker, HookspecMarker
+
+hookspec = HookspecMarker("alignprop")
+hookimpl = HookimplMarker("alignprop")
+
+
+@hookspec
+def register_rewards(register):
+    """Register differentiable rewards by name.
+
+    Call ``register(name, factory, description="")``. ``factory(**options)`` is called with the ``options``
+    mapping of the config entry that selects this reward (``rewards: [{name, weight, options}]``) and returns the
+    reward: a callable ``reward(images, prompts, metadata) -> Tensor`` where
+
+    - ``images`` is a float tensor ``[B, 3, H, W]`` in ``[0, 1]`` that is part of the autograd graph
+      (H and W are whatever the sampler produced: any size, not necessarily square);
+    - ``prompts`` is a list of B strings and ``metadata`` a list of B dicts from the prompt source
+      (e.g. ``{"questions": [...], "answers": [...]}`` from the ``counting`` source);
+    - the result is a tensor of shape ``[B]``, higher is better, differentiable with respect to ``images``.
+
+    If the reward is (or has) a ``torch.nn.Module``, the trainer moves it with ``reward.to(device)`` and
+    freezes it (``eval()``, ``requires_grad_(False)``) so that its own parameters never receive gradients.
+    Factories should import heavy libraries lazily and load weights only when called.
+    """
+
+
+@hookspec
+def register_image_loggers(register):
+    """Register image loggers by name.
+
+    Call ``register(name, factory, description="")``. ``factory(output_dir, **options)`` returns a callable
+    ``logger(image_data, global_step, accelerate_logger)`` that the trainer calls every ``log_image_freq``
+    optimizer steps on the main process. ``image_data`` is a dict of batched ``images`` (float ``[B,3,H,W]``
+    in ``[0,1]``, detached, on the CPU), ``prompts``, ``prompt_metadata``, ``rewards`` (``[B]`` weighted total)
+    and ``reward_components`` (a dict ``name -> [B]``). ``accelerate_logger`` has ``log_images(dict, step)``
+    and ``log(dict, step)``, and works even when no tracker is configured. A logger may have a ``close()``
+    method, called once at the end of training.
+    """
+
+
+@hookspec
+def register_prompt_sources(register):
+    """Register prompt sources by name.
+
+    Call ``register(name, factory, description="")``. ``factory(**options)`` returns a callable taking no
+    arguments that returns one ``(prompt: str, metadata: dict)`` pair per call (TRL's ``prompt_fn``).
+    Draw randomness from Python's global ``random`` module: the trainer seeds it and saves/restores its state
+    in checkpoints, so resumed runs draw the same prompts.
+    """

@@ -1,0 +1,58 @@
+"""LoRA on the UNet with peft, saved and loaded in diffusers' format (``pytorch_lora_weights.safetensors``)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from alignprop_core.errors import ConfigError
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: list[str]) -> list[torch.nn.Parameter]:
+    """Add a gaussian-initialised LoRA adapter (B = 0, so the model is unchanged at start); returns its params."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    try:
+        unet.add_adapter(config)
+    except ValueError as exc:
+        raise ConfigError(f"lora_target_modules: {list(target_modules)} matched no UNet module ({exc}); "
+                          "use attention projections such as to_q,to_k,to_v,to_out.0") from None
+    from diffusers.training_utils import cast_training_params
+
+    cast_training_params(unet, dtype=torch.float32)  # trainable parameters stay fp32 whatever the compute dtype
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The UNet's LoRA weights with diffusers' key names, ready for ``save_lora_weights``."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(directory), unet_lora_layers=unet_lora_state_dict(unet),
+                                              safe_serialization=True)
+
+
+def load_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Load diffusers-format LoRA weights from ``directory`` into the UNet's existing peft adapter."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state, _ = StableDiffusionPipeline.lora_state_dict(str(directory))
+    unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ConfigError(f"LoRA in '{directory}' does not fit this UNet (unexpected keys such as {unexpected[0]}); "
+                          "resume with the same lora_rank and lora_target_modules")

@@ -1,0 +1,135 @@
+"""The one plugin manager: loads built-in and installed plugins once and resolves names to factories."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+import pluggy
+
+from alignprop_core import hookspecs
+from alignprop_core.errors import PluginError
+
+ENTRY_POINT_GROUP = "alignprop"
+BUILTIN_PLUGINS = ("alignprop_core.builtin",)
+
+#: Rewards we know of that live in separately installable packages (shown when a name is not installed).
+KNOWN_REWARD_PACKAGES = {
+    "aesthetic": "alignprop-reward-aesthetic",
+    "hps": "alignprop-reward-hps",
+    "pickscore": "alignprop-reward-pickscore",
+    "flava_vqa": "alignprop-reward-flava-vqa",
+}
+
+# kind -> (hook name, plural used in messages)
+KINDS = {
+    "reward": ("register_rewards", "rewards"),
+    "image logger": ("register_image_loggers", "image loggers"),
+    "prompt source": ("register_prompt_sources", "prompt sources"),
+}
+
+pm = pluggy.PluginManager("alignprop")
+pm.add_hookspecs(hookspecs)
+
+#: plugin name -> "ExcType: message" for plugins whose import or registration failed.
+failed_plugins: dict[str, str] = {}
+_plugin_packages: dict[str, str] = {}  # plugin name -> distribution that installed it
+_loaded = False
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One named thing a plugin registered."""
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    package: str | None
+    description: str = ""
+
+
+def load_plugins() -> None:
+    """Register the built-in plugins and every ``alignprop`` entry point, once per process.
+
+    A plugin that fails to import is recorded in :data:`failed_plugins` (and warned about) without
+    affecting the others.
+    """
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+        _plugin_packages[module_name] = "alignprop-core"
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.has_plugin(ep.name) or ep.name in failed_plugins:
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # a broken plugin must not break the others
+            failed_plugins[ep.name] = f"{type(exc).__name__}: {exc}"
+            print(f"warning: alignprop plugin '{ep.name}' failed to load: {failed_plugins[ep.name]}", file=sys.stderr)
+            continue
+        pm.register(plugin, name=ep.name)
+        if ep.dist is not None:
+            _plugin_packages[ep.name] = ep.dist.name
+
+
+def registrations(kind: str) -> dict[str, Registration]:
+    """Every registered ``kind`` ("reward", "image logger", "prompt source") by name, from all plugins."""
+    load_plugins()
+    hook_name, _ = KINDS[kind]
+    found: dict[str, Registration] = {}
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # registration order
+        plugin = impl.plugin_name
+
+        def register(name: str, factory: Callable[..., Any], description: str = "", _plugin: str = plugin) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin '{_plugin}' registered a {kind} with an invalid name {name!r}")
+            if name in found:
+                raise PluginError(
+                    f"{kind} '{name}' is registered twice, by plugin '{found[name].plugin}' and by plugin "
+                    f"'{_plugin}'; uninstall one of them"
+                )
+            found[name] = Registration(kind, name, factory, _plugin, _plugin_packages.get(_plugin), description)
+
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as exc:
+            failed_plugins[plugin] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
+def get(kind: str, name: str) -> Registration:
+    """The registration for ``name``, or a one-line :class:`PluginError` listing what is installed."""
+    found = registrations(kind)
+    if name in found:
+        return found[name]
+    plural = KINDS[kind][1]
+    message = f"unknown {kind} '{name}'; installed {plural}: {', '.join(sorted(found)) or '(none)'}"
+    if kind == "reward" and name in KNOWN_REWARD_PACKAGES:
+        package = KNOWN_REWARD_PACKAGES[name]
+        message += f". '{name}' is provided by {package}: pip install {package}"
+    if failed_plugins:
+        message += "; plugins that failed to load: " + ", ".join(f"{p} ({e})" for p, e in failed_plugins.items())
+    raise PluginError(message)
+
+
+def build(kind: str, name: str, options: dict[str, Any] | None = None, **context: Any) -> Any:
+    """Resolve ``name`` and call its factory with ``options`` (and ``context``, e.g. ``output_dir``)."""
+    registration = get(kind, name)
+    kwargs = {**context, **(options or {})}
+    try:
+        inspect.signature(registration.factory).bind(**kwargs)
+    except TypeError as exc:
+        raise PluginError(f"{kind} '{name}' does not accept options {options or {}} ({exc}); fix its 'options'") from exc
+    except ValueError:  # no signature available (some builtins): just call it
+        pass
+    return registration.factory(**kwargs)

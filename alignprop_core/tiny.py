@@ -1,0 +1,98 @@
+"""A tiny Stable Diffusion 1.x pipeline with random weights, built from configs, for offline demos and tests.
+
+It has the real architectures (UNet2DConditionModel, AutoencoderKL with a VAE factor of 8, CLIPTextModel,
+CLIPTokenizer, DDIMScheduler with SD-1.5's settings) at toy sizes, and is saved with ``save_pretrained`` so that
+everything downstream loads it through the ordinary ``from_pretrained`` path. No file or network is needed: the
+tokenizer is a character-level CLIP BPE (the 256 byte symbols, their ``</w>`` forms, two special tokens, no merges).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TINY_MODEL_ID = "alignprop:tiny-sd"
+TINY_VERSION = 1  # bump when the architecture below changes, so cached copies are rebuilt
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode map (as in OpenAI's simple_tokenizer)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def tiny_clip_tokenizer():
+    """Character-level ``CLIPTokenizer`` (514 tokens, max length 77)."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, unk_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0, sample_size: int = 16):
+    """Build the tiny SD-1.x pipeline with random weights (seeded) and save it to ``path``; returns ``path``.
+
+    ``sample_size`` is the latent size: images are ``8 * sample_size`` pixels square by default.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=8 * sample_size)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return Path(path)
+
+
+def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of the shared tiny pipeline (``alignprop:tiny-sd``), building it on first use.
+
+    Cached under ``$ALIGNPROP_CACHE`` (default ``~/.cache/alignprop``); built into a temporary folder and renamed,
+    so an interrupted build is never picked up.
+    """
+    root = Path(cache_dir or os.environ.get("ALIGNPROP_CACHE") or Path.home() / ".cache" / "alignprop")
+    path = root / f"tiny-sd-v{TINY_VERSION}"
+    if (path / "model_index.json").is_file():
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tiny-sd-v{TINY_VERSION}.tmp-{os.getpid()}"
+    build_tiny_pipeline(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
