@@ -80,12 +80,22 @@ def load_plugins() -> None:
             _plugin_packages[ep.name] = ep.dist.name
 
 
+def reset() -> None:
+    """Forget loaded plugins so the next lookup loads entry points again (after ``pip install`` in a notebook)."""
+    global _loaded
+    for name, _plugin in list(pm.list_name_plugin()):
+        pm.unregister(name=name)
+    failed_plugins.clear()
+    _plugin_packages.clear()
+    _loaded = False
+
+
 def registrations(kind: str) -> dict[str, Registration]:
     """Every registered ``kind`` ("reward", "image logger", "prompt source") by name, from all plugins."""
     load_plugins()
     hook_name, _ = KINDS[kind]
     found: dict[str, Registration] = {}
-    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):  # registration order
+    for impl in getattr(pm.hook, hook_name).get_hookimpls():  # in registration order
         plugin = impl.plugin_name
 
         def register(name: str, factory: Callable[..., Any], description: str = "", _plugin: str = plugin) -> None:

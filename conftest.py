@@ -1,0 +1,31 @@
+"""Shared fixtures for the core tests (tests/) and the plugin tests (plugins/*/tests)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no network here: fail fast instead of retrying the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    """A tiny random-weight SD-1.x pipeline saved with save_pretrained (loaded back via from_pretrained)."""
+    from alignprop_core.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
+
+
+@pytest.fixture
+def tiny_config(tiny_sd_path, tmp_path):
+    """A fast config on the tiny pipeline: 4 denoising steps, batch 2, built-in saturation reward."""
+    from alignprop_core import AlignPropConfig
+
+    def make(**overrides):
+        values = dict(pretrained_model=str(tiny_sd_path), rewards="saturation", num_epochs=2, sample_num_steps=4,
+                      train_batch_size=2, truncation="fixed", truncation_k=2, mixed_precision="no",
+                      eval_num_samples=0, output_dir=str(tmp_path / "out"), save_freq=100)
+        values.update(overrides)
+        return AlignPropConfig(**values)
+
+    return make
