@@ -171,7 +171,9 @@ class AlignPropTrainer:
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         for module in (pipe.vae, pipe.text_encoder, pipe.unet):
             module.requires_grad_(False)
-            module.to(accelerator.device, dtype=self.weight_dtype)
+            module.to(accelerator.device)
+            if module.dtype != self.weight_dtype:
+                module.to(dtype=self.weight_dtype)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.height, self.width = self._image_size()

@@ -118,3 +118,16 @@ def test_config_file_errors(tmp_path):
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         AlignPropConfig.from_file(listy)
+
+
+def test_configuration_docs_list_every_field_and_are_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(repo / "scripts" / "gen_config_docs.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (repo / "docs" / "configuration.md").read_text()
+    assert all(f"| `{name}` |" in text for name, *_ in field_docs())

@@ -1,0 +1,26 @@
+"""An example alignprop reward plugin: ``warmth`` = mean(red) - mean(blue), differentiable, needs no weights.
+
+Everything a reward plugin needs is here: a factory taking the config's ``options`` and a ``register_rewards``
+hook implementation, published in the ``alignprop`` entry-point group by this package's pyproject.toml.
+"""
+
+import torch
+
+from alignprop_core import hookimpl
+
+
+class Warmth(torch.nn.Module):
+    """Mean red minus mean blue, in [-1, 1]; ``target`` (optional) rewards closeness to a warmth instead."""
+
+    def __init__(self, target: float | None = None):
+        super().__init__()
+        self.target = target
+
+    def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
+        warmth = images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))
+        return warmth if self.target is None else -(warmth - self.target).abs()
+
+
+@hookimpl
+def register_rewards(register):
+    register("warmth", Warmth, "mean(red) - mean(blue); option: target")
