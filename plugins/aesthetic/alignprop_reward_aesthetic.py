@@ -1,0 +1,368 @@
+"""alignprop reward ``aesthetic``: the LAION improved aesthetic predictor v2 (linearMSE) on CLIP ViT-L/14.
+
+score = MLP( e / ||e|| ),  e = CLIP image embedding (vision tower + visual projection, 768-d for ViT-L/14),
+MLP = Linear(768,1024) Dropout(.2) Linear(1024,128) Dropout(.2) Linear(128,64) Dropout(.1) Linear(64,16)
+Linear(16,1), no activations (the predictor's own architecture, state-dict keys ``layers.{0,2,4,6,7}``).
+Images are preprocessed with differentiable tensor ops that reproduce the CLIP model's ``CLIPImageProcessor``
+(shortest side to 224 bicubic, center crop 224, CLIP normalisation; read from its preprocessor_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from alignprop_core.errors import AlignPropError
+from alignprop_core.hookspecs import hookimpl
+
+REWARD_NAME = "aesthetic"
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_PREDICTOR_REPO = "trl-lib/ddpo-aesthetic-predictor"
+DEFAULT_PREDICTOR_FILE = "aesthetic-model.pth"
+_MLP_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+# ----------------------------------------------------------------------------------------------- model parts
+class AestheticMLP(torch.nn.Module):
+    """The LAION predictor head. Layer widths follow the checkpoint (768-1024-128-64-16-1 for the real one)."""
+
+    def __init__(self, dims: tuple[int, int, int, int, int] = (768, 1024, 128, 64, 16)):
+        super().__init__()
+        d0, d1, d2, d3, d4 = dims
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(d0, d1),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(d1, d2),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(d2, d3),
+            torch.nn.Dropout(0.1),
+            torch.nn.Linear(d3, d4),
+            torch.nn.Linear(d4, 1),
+        )
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeds)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], source: str) -> "AestheticMLP":
+        missing = [k for k in _MLP_KEYS if k not in state]
+        if missing:
+            raise AlignPropError(
+                f"aesthetic: '{source}' is not a LAION aesthetic predictor state dict (missing {', '.join(missing[:4])}"
+                f"{'...' if len(missing) > 4 else ''}); set options.predictor to sac+logos+ava1-l14-linearMSE.pth"
+            )
+        dims = tuple(int(state[f"layers.{i}.weight"].shape[1]) for i in (0, 2, 4, 6, 7))
+        mlp = cls(dims)  # type: ignore[arg-type]
+        try:
+            mlp.load_state_dict({k: state[k].float() for k in _MLP_KEYS})
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[-1].strip()
+            raise AlignPropError(f"aesthetic: predictor '{source}' has inconsistent layer shapes ({first})") from exc
+        return mlp
+
+
+class AestheticReward(torch.nn.Module):
+    """Frozen differentiable aesthetic score: ``reward(images [B,3,H,W] in [0,1], prompts, metadata) -> [B]``."""
+
+    def __init__(self, vision_model: torch.nn.Module, mlp: AestheticMLP, preprocessing: dict[str, Any]):
+        super().__init__()
+        self.vision_model = vision_model
+        self.mlp = mlp
+        self.preprocessing = dict(preprocessing)
+        self.freeze()
+
+    # The reward is never trained: keep dropout off and parameters frozen whatever the caller does.
+    def freeze(self) -> "AestheticReward":
+        super().train(False)
+        self.requires_grad_(False)
+        return self
+
+    def train(self, mode: bool = True) -> "AestheticReward":
+        return super().train(False)
+
+    @classmethod
+    def from_options(
+        cls,
+        clip_model: str = DEFAULT_CLIP_MODEL,
+        predictor: str | None = None,
+        dtype: str | None = None,
+    ) -> "AestheticReward":
+        """Build the reward.
+
+        clip_model: HF hub id or local folder of a transformers CLIP checkpoint (CLIPModel or
+            CLIPVisionModelWithProjection); only the image tower is loaded.
+        predictor: local ``.pth``/``.safetensors`` state dict of the LAION predictor; ``None`` downloads
+            ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth`` from the hub.
+        dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for the CLIP tower (the MLP stays float32).
+        """
+        torch_dtype = _parse_dtype(dtype)
+        vision_model, embed_dim = _load_clip_image_tower(clip_model, torch_dtype)
+        mlp = AestheticMLP.from_state_dict(*_load_predictor_state(predictor))
+        in_dim = mlp.layers[0].in_features
+        if in_dim != embed_dim:
+            raise AlignPropError(
+                f"aesthetic: the predictor expects {in_dim}-d CLIP embeddings but clip_model '{clip_model}' produces "
+                f"{embed_dim}-d ones; use the CLIP model the predictor was trained on (ViT-L/14: {DEFAULT_CLIP_MODEL})"
+            )
+        return cls(vision_model, mlp, _read_preprocessing(clip_model))
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable equivalent of the CLIP model's image processor on ``[0,1]`` images."""
+        return _clip_image_processor_tensor(images, self.preprocessing)
+
+    def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.vision_model(pixel_values=pixel_values)
+        return out.image_embeds if hasattr(out, "image_embeds") else out[0]
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None):
+        _check_images(images)
+        param = next(self.vision_model.parameters())
+        # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype), then cast
+        pixel_values = self.preprocess(images.to(device=param.device, dtype=torch.float32)).to(param.dtype)
+        embeds = self.image_embeds(pixel_values).float()
+        embeds = embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
+        mlp_param = next(self.mlp.parameters())
+        return self.mlp(embeds.to(mlp_param.dtype)).squeeze(-1).float()
+
+
+@hookimpl
+def register_rewards(register):
+    register(
+        REWARD_NAME,
+        AestheticReward.from_options,
+        description="LAION aesthetic predictor v2 (linearMSE MLP) on CLIP ViT-L/14 image embeddings; ~1-10 scale. "
+        "options: clip_model, predictor, dtype",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _parse_dtype(dtype: str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in _DTYPES:
+        raise AlignPropError(f"aesthetic: unknown dtype '{dtype}'; use float32, float16 or bfloat16")
+    return _DTYPES[key]
+
+
+def _looks_like_path(value: str) -> bool:
+    """True for things only a local path can be: hub ids are ``owner/name`` (or a bare ``name``)."""
+    return (
+        value.startswith(("/", ".", "~"))
+        or "\\" in value
+        or value.count("/") > 1
+        or value.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json"))
+    )
+
+
+def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
+    """The CLIP vision tower + visual projection from a CLIPModel (or vision-only) checkpoint; text weights skipped."""
+    from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    class _CLIPImageTower(CLIPVisionModelWithProjection):
+        # A full CLIPModel checkpoint also holds the text tower: skip it silently instead of loading it.
+        _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$",
+                                              r"position_ids$"]
+
+    source = str(source)
+    local = os.path.expanduser(source)
+    if os.path.exists(local):
+        source = local
+        if not os.path.isdir(local):
+            raise AlignPropError(
+                f"aesthetic: clip_model '{source}' is a file; set options.clip_model to the folder that holds "
+                "config.json and the model weights (or a hub id)"
+            )
+    elif _looks_like_path(source):
+        raise AlignPropError(
+            f"aesthetic: clip_model folder '{source}' does not exist; set options.clip_model to a local copy of "
+            f"{DEFAULT_CLIP_MODEL} (config.json + weights) or to a hub id"
+        )
+    try:
+        config = AutoConfig.from_pretrained(source)
+        if isinstance(config, CLIPConfig):
+            vision_config = config.vision_config
+            vision_config.projection_dim = config.projection_dim
+        elif isinstance(config, CLIPVisionConfig):
+            vision_config = config
+        else:
+            raise AlignPropError(
+                f"aesthetic: clip_model '{source}' is a '{config.model_type}' model, not CLIP; set options.clip_model "
+                f"to {DEFAULT_CLIP_MODEL} or a local copy of it"
+            )
+        model = _CLIPImageTower.from_pretrained(source, config=vision_config, dtype=dtype)
+    except AlignPropError:
+        raise
+    except Exception as exc:
+        where = "local folder" if os.path.isdir(source) else "hub id"
+        raise AlignPropError(
+            f"aesthetic: could not load CLIP {where} '{source}' ({type(exc).__name__}: {_first_line(exc)}); "
+            f"set options.clip_model to a local folder with a copy of {DEFAULT_CLIP_MODEL}"
+        ) from exc
+    return model, int(vision_config.projection_dim)
+
+
+def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    if predictor is None:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(DEFAULT_PREDICTOR_REPO, DEFAULT_PREDICTOR_FILE)
+        except Exception as exc:
+            raise AlignPropError(
+                f"aesthetic: could not get {DEFAULT_PREDICTOR_FILE} from hub repo {DEFAULT_PREDICTOR_REPO} "
+                f"({type(exc).__name__}: {_first_line(exc)}); download it (or LAION's sac+logos+ava1-l14-linearMSE.pth) "
+                "and set options.predictor to its local path"
+            ) from exc
+    else:
+        path = os.path.expanduser(str(predictor))
+        if not os.path.isfile(path):
+            raise AlignPropError(
+                f"aesthetic: predictor file '{predictor}' does not exist; set options.predictor to a local copy of "
+                f"{DEFAULT_PREDICTOR_REPO}/{DEFAULT_PREDICTOR_FILE} (or sac+logos+ava1-l14-linearMSE.pth), or leave it "
+                "unset to download that file"
+            )
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path, device="cpu")
+        else:  # a pickle saved on cuda:0: map to CPU, refuse anything but tensors
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AlignPropError(
+            f"aesthetic: could not read predictor '{path}' ({type(exc).__name__}: {_first_line(exc)}); "
+            "set options.predictor to a .pth or .safetensors state dict of the LAION aesthetic predictor"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise AlignPropError(f"aesthetic: predictor '{path}' holds a {type(state).__name__}, not a state dict")
+    return state, path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+_DEFAULT_PREPROCESSING = {
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_normalize": True,
+    "image_mean": (0.48145466, 0.4578275, 0.40821073),
+    "image_std": (0.26862954, 0.26130258, 0.27577711),
+}
+
+
+def _read_preprocessing(source: str) -> dict[str, Any]:
+    """The image-processor settings of ``source``: its preprocessor_config.json (local folder or hub file).
+
+    Falls back to OpenAI CLIP's (224 shortest side, crop 224, CLIP mean/std) when the checkpoint has none.
+    """
+    config: dict[str, Any] = {}
+    local = os.path.expanduser(str(source))
+    for name in ("preprocessor_config.json", "processor_config.json"):  # transformers 5 saves the latter
+        try:
+            if os.path.isdir(local):
+                path = os.path.join(local, name)
+                if not os.path.isfile(path):
+                    continue
+            else:
+                from huggingface_hub import hf_hub_download
+
+                path = hf_hub_download(str(source), name)
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            break
+        except Exception:  # not shipped (or hub unreachable): try the next name, then OpenAI CLIP defaults
+            continue
+    if isinstance(config.get("image_processor"), dict):  # processor_config.json nests it
+        config = config["image_processor"]
+    merged = dict(_DEFAULT_PREPROCESSING)
+    merged.update({k: v for k, v in config.items() if k in _DEFAULT_PREPROCESSING or k == "resample"})
+    return _normalise_sizes(merged)
+
+
+def _normalise_sizes(cfg: dict[str, Any]) -> dict[str, Any]:
+    for key in ("size", "crop_size"):
+        value = cfg.get(key)
+        if isinstance(value, int):
+            cfg[key] = {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
+    resample = cfg.get("resample", 3)
+    if resample not in (None, 3):
+        import warnings
+
+        warnings.warn(f"aesthetic: image processor uses resample={resample}; the reward resizes bicubic (3)")
+    return cfg
+
+
+def _resize_like_pil(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize done like PIL: width first, then height, clipping to [0, 1] after each pass.
+
+    PIL (and torchvision on uint8) resamples in two separable passes and clips the intermediate image; a single
+    2-D ``interpolate`` keeps the first pass's bicubic overshoot and lands up to ~2.5/255 further from PIL.
+    """
+    if images.shape[-1] != width:
+        images = F.interpolate(images, size=(images.shape[-2], width), mode="bicubic", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    if images.shape[-2] != height:
+        images = F.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    return images
+
+
+def _resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Shorter side to ``size``, longer side ``int(size * long / short)`` (transformers/torchvision rounding)."""
+    h, w = images.shape[-2:]
+    if h <= w:
+        return _resize_like_pil(images, size, int(size * w / h))
+    return _resize_like_pil(images, int(size * h / w), size)
+
+
+def _center_crop_floor(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """transformers' center crop: offsets rounded down ((H - h) // 2); zero-pads first if the image is smaller."""
+    h, w = images.shape[-2:]
+    if height > h or width > w:
+        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
+        images = F.pad(images, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
+        h, w = images.shape[-2:]
+    top, left = (h - height) // 2, (w - width) // 2
+    return images[..., top:top + height, left:left + width]
+
+
+def _clip_image_processor_tensor(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    from alignprop_core.preprocess import normalize
+
+    size = cfg.get("size") or {}
+    if cfg.get("do_resize", True):
+        if size.get("shortest_edge"):
+            images = _resize_shortest_side(images, int(size["shortest_edge"]))
+        elif size.get("height") and size.get("width"):
+            images = _resize_like_pil(images, int(size["height"]), int(size["width"]))
+    crop = cfg.get("crop_size") or {}
+    if cfg.get("do_center_crop", True) and crop.get("height") and crop.get("width"):
+        images = _center_crop_floor(images, int(crop["height"]), int(crop["width"]))
+    if cfg.get("do_normalize", True):
+        images = normalize(images, tuple(cfg["image_mean"]), tuple(cfg["image_std"]))
+    return images
+
+
+def _check_images(images: Any) -> None:
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise AlignPropError(f"aesthetic: expected images as a float tensor [B, 3, H, W] in [0, 1], got {shape}")
+    if not images.is_floating_point():
+        raise AlignPropError(f"aesthetic: expected float images in [0, 1], got dtype {images.dtype}; convert with x / 255")

@@ -1,0 +1,179 @@
+"""HPSv2 / HPSv2.1 (Human Preference Score) as a differentiable alignprop reward.
+
+HPS is an open_clip ``ViT-H-14`` fine-tuned on human preference pairs. The score of an (image, prompt) pair is
+the cosine similarity of the L2-normalised image and text features (no ``logit_scale``), exactly what
+``hpsv2.score`` computes (it reports the diagonal of ``image_features @ text_features.T``).
+
+The architecture is built offline with ``open_clip.create_model(arch, pretrained=None)`` (the laion base weights
+are never needed) and the HPS checkpoint is loaded on top of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from alignprop_core.errors import AlignPropError
+from alignprop_core.hookspecs import hookimpl
+from alignprop_core.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_side_pad
+
+#: Default weights: hub repository and file per version.
+HUB_REPO = "xswu/HPSv2"
+HUB_FILES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+DEFAULT_VERSION = "v2.1"
+DEFAULT_ARCHITECTURE = "ViT-H-14"
+
+
+def _resolve_checkpoint(version: str, checkpoint: str | None) -> str:
+    """Local path of the HPS checkpoint: ``checkpoint`` if given, else the hub file for ``version``."""
+    if checkpoint is not None:
+        path = os.path.expanduser(str(checkpoint))
+        if not os.path.isfile(path):
+            raise AlignPropError(
+                f"hps: checkpoint file '{path}' does not exist; set the reward option 'checkpoint' to a local "
+                f"{HUB_FILES.get(version, 'HPS_v2.1_compressed.pt')} file"
+            )
+        return path
+    filename = HUB_FILES[version]
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(HUB_REPO, filename)
+    except Exception as exc:
+        raise AlignPropError(
+            f"hps: could not load '{filename}' from the Hugging Face hub repo '{HUB_REPO}' "
+            f"({type(exc).__name__}); download it and set the reward option 'checkpoint' to its local path"
+        ) from exc
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The model weights of an HPS checkpoint (``{"state_dict": ...}`` or a plain state dict, maybe DDP-prefixed)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AlignPropError(
+            f"hps: cannot read checkpoint '{path}' with torch.load(weights_only=True) ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); point the option 'checkpoint' at an HPS .pt file"
+        ) from exc
+    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AlignPropError(
+            f"hps: checkpoint '{path}' holds no state dict (expected a dict of tensors, or one under 'state_dict'); "
+            "point the option 'checkpoint' at an HPS .pt file"
+        )
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _architecture_name(architecture: str) -> str:
+    """Registered open_clip model-config name for ``architecture`` (a config name or a path to a config JSON)."""
+    import open_clip
+
+    if str(architecture).endswith(".json") and os.path.isfile(os.path.expanduser(str(architecture))):
+        path = os.path.expanduser(str(architecture))
+        open_clip.add_model_config(path)
+        return os.path.splitext(os.path.basename(path))[0]
+    if architecture not in open_clip.list_models():
+        raise AlignPropError(
+            f"hps: unknown open_clip architecture '{architecture}'; set the option 'architecture' to an open_clip "
+            f"model-config name (default {DEFAULT_ARCHITECTURE}) or to the path of a model-config .json file"
+        )
+    return architecture
+
+
+class HPSReward(torch.nn.Module):
+    """``reward(images, prompts, metadata) -> Tensor[B]``: HPS cosine score of each image with its prompt."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, version: str = DEFAULT_VERSION):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.version = version
+        image_size = model.visual.image_size
+        self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.freeze()
+
+    @classmethod
+    def from_options(
+        cls,
+        version: str = DEFAULT_VERSION,
+        checkpoint: str | None = None,
+        architecture: str = DEFAULT_ARCHITECTURE,
+    ) -> "HPSReward":
+        """Build the frozen reward. ``version``: ``v2`` or ``v2.1``; ``checkpoint``: local .pt overriding the hub
+        file; ``architecture``: open_clip model-config name or config .json path (default ``ViT-H-14``)."""
+        version = str(version)
+        if version not in HUB_FILES:
+            raise AlignPropError(f"hps: unknown version '{version}'; set the option 'version' to one of v2, v2.1")
+        path = _resolve_checkpoint(version, checkpoint)  # fail fast, before building a 1B-parameter model
+        state_dict = _load_state_dict(path)
+
+        import open_clip
+
+        name = _architecture_name(architecture)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the HPS weights come next
+        try:
+            model = open_clip.create_model(name, pretrained=None)
+        finally:
+            logging.disable(previous)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1:3]
+            raise AlignPropError(
+                f"hps: checkpoint '{path}' does not fit the open_clip architecture '{name}' "
+                f"({'; '.join(s.strip() for s in first)[:300]}); set the option 'architecture' to the model the "
+                "checkpoint was trained with"
+            ) from exc
+        tokenizer = open_clip.get_tokenizer(name)
+        return cls(model, tokenizer, version)
+
+    def freeze(self) -> "HPSReward":
+        self.model.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "HPSReward":
+        """The reward model is always in eval mode (no dropout); ``train()`` is a no-op by design."""
+        return super().train(False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable HPS preprocessing: longest side to the model size (bicubic), centred zero pad, CLIP norm."""
+        return normalize(resize_longest_side_pad(images, self.image_size, fill=0.0), CLIP_MEAN, CLIP_STD)
+
+    @torch.no_grad()
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised text features ``[B, D]``, cached per prompt text."""
+        param = next(self.model.parameters())
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
+        if missing:
+            tokens = self.tokenizer(missing).to(param.device)
+            features = self.model.encode_text(tokens, normalize=True)
+            for prompt, feature in zip(missing, features):
+                self._text_cache[prompt] = feature
+        return torch.stack([self._text_cache[p].to(param.device, param.dtype) for p in prompts])
+
+    def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise AlignPropError(f"hps: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+        if len(prompts) != images.shape[0]:
+            raise AlignPropError(f"hps: got {images.shape[0]} images but {len(prompts)} prompts")
+        param = next(self.model.parameters())
+        pixels = self.preprocess(images.to(device=param.device, dtype=param.dtype))
+        image_features = self.model.encode_image(pixels, normalize=True)
+        text_features = self.text_features(list(prompts))
+        return (image_features * text_features).sum(dim=-1).float()
+
+
+@hookimpl
+def register_rewards(register):
+    register(
+        "hps",
+        HPSReward.from_options,
+        description="HPSv2/HPSv2.1 human preference score (open_clip ViT-H-14): cosine(image, prompt)",
+    )

@@ -1,0 +1,278 @@
+"""Tests of the ``pickscore`` reward on a tiny random-init transformers CLIPModel, loaded from disk.
+
+Run: cd /work/main && PYTHONPATH=/work/main .venv/bin/python -m pytest plugins/pickscore -q --import-mode=importlib
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night",
+           "a very long prompt " + "with many many words " * 12]  # > 77 tokens: must be truncated
+
+
+def _bytes_to_unicode() -> list[str]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def _char_tokenizer():
+    from transformers import CLIPTokenizer
+
+    symbols = _bytes_to_unicode()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, unk_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def _save_tiny_clip(model_dir, processor_dir, image_size=224, processor_kwargs=None, seed=0):
+    """A tiny transformers CLIPModel (PickScore's architecture) and, in its own folder like PickScore's
+    laion processor, a CLIPProcessor (character-level CLIP tokenizer + CLIPImageProcessor)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = _char_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=32),
+        projection_dim=16,
+        logit_scale_init_value=4.6052,  # exp = 100, as in trained CLIP / PickScore
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(model_dir)
+    CLIPProcessor(image_processor=CLIPImageProcessor(**(processor_kwargs or {})), tokenizer=tokenizer
+                  ).save_pretrained(processor_dir)
+    return str(model_dir), str(processor_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pickscore")
+    model, processor = _save_tiny_clip(root / "model", root / "processor")
+    return {"model": model, "processor": processor, "root": root}
+
+
+@pytest.fixture(scope="module")
+def reward(tiny):
+    from alignprop_core import plugins
+
+    return plugins.build("reward", "pickscore", {"model": tiny["model"], "processor": tiny["processor"]})
+
+
+def _uint8_image(h, w, seed):
+    """Smooth random colour field plus fine noise (uint8 HWC), like a photo with texture."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR)).astype(np.int16)
+    return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+
+
+def _to_tensor(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def _pil_processor(folder):
+    try:
+        from transformers import CLIPImageProcessorPil as Processor  # transformers >= 5
+    except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL implementation
+        from transformers import CLIPImageProcessor as Processor
+    return Processor.from_pretrained(folder)
+
+
+def _reference(tiny_model, tiny_processor, images, prompts, pil=True):
+    """Independent computation as in PickScore's README: CLIPModel forward on the processor's tokens and pixels,
+    logits_per_image = exp(logit_scale) * image_embeds @ text_embeds.T (full matrix), pixels."""
+    from PIL import Image
+    from transformers import AutoProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(tiny_model).eval()
+    processor = AutoProcessor.from_pretrained(tiny_processor)  # transformers' default backend
+    image_processor = _pil_processor(tiny_processor) if pil else processor.image_processor
+    pixels = image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    tokens = processor.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+    return out.logits_per_image, pixels
+
+
+def test_entry_point_registers_pickscore():
+    from alignprop_core import plugins
+    from alignprop_reward_pickscore import PickScoreReward
+
+    registration = plugins.registrations("reward")["pickscore"]
+    assert registration.package == "alignprop-reward-pickscore"
+    assert registration.factory == PickScoreReward.from_options
+    assert registration.plugin == "pickscore"
+
+
+def test_score_is_the_diagonal_of_clipmodel_logits(tiny, reward):
+    """224x224 images need no resize/crop: we must equal diag(logits_per_image) of CLIPModel's own forward."""
+    images = [_uint8_image(224, 224, seed) for seed in range(3)]
+    logits, _ = _reference(tiny["model"], tiny["processor"], images, PROMPTS)
+    with torch.no_grad():
+        got = reward(torch.cat([_to_tensor(i) for i in images]), PROMPTS, [{}] * 3)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, logits.diagonal(), atol=1e-4, rtol=1e-5)
+    # the pairing matters: row 0 (every image against prompt 0) or column 0 would give other numbers
+    assert (logits.diagonal() - logits[:, 0]).abs().max() > 1e-2
+    assert (logits.diagonal() - logits[0, :]).abs().max() > 1e-2
+    # and scoring each pair alone gives the same as the batch
+    with torch.no_grad():
+        alone = torch.cat([reward(_to_tensor(i), [p], [{}]) for i, p in zip(images, PROMPTS)])
+    torch.testing.assert_close(alone, got, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pil", [True, False], ids=["pil", "torchvision"])
+@pytest.mark.parametrize("shape", [(256, 256), (299, 224), (224, 301), (512, 512), (640, 1024), (1024, 1024)])
+def test_preprocessing_parity_with_clip_image_processor(tiny, reward, shape, pil):
+    """Tensor path vs transformers' CLIPImageProcessor (PIL backend = the reference PickScore was trained with;
+    torchvision backend = transformers 5's default) on the same uint8 image.
+
+    Measured (these images; transformers 5.24, Pillow 13, torch 2.13 CPU): max |pixel diff| 0.0156 (PIL) /
+    0.0160 (torchvision) in normalised units, i.e. about 1/255 (both references round to uint8 after each resize
+    pass), mean <= 0.0045; exactly 0 for the crop-only shapes (299x224, 224x301). Score diff <= 0.019 on the tiny
+    model with PickScore's logit scale (100), scores 3-13 for these images. With
+    alignprop_core.preprocess.clip_preprocess (round-half-even crop offset) the 299x224 image is off by 0.81 per
+    pixel and 1.67 in score: caught here.
+    """
+    h, w = shape
+    img = _uint8_image(h, w, seed=h + w)
+    logits, ref_pixels = _reference(tiny["model"], tiny["processor"], [img], PROMPTS[:1], pil=pil)
+    pixels = reward.preprocess(_to_tensor(img))
+    assert pixels.shape == ref_pixels.shape == (1, 3, 224, 224)
+    diff = (pixels - ref_pixels).abs()
+    assert diff.max() < 0.025 and diff.mean() < 0.006, (diff.max().item(), diff.mean().item())
+    with torch.no_grad():
+        got = reward(_to_tensor(img), PROMPTS[:1], [{}])
+    assert abs(got.item() - logits.item()) < 0.05, (got.item(), logits.item())
+
+
+def test_preprocessing_is_read_from_the_processor_folder(tmp_path):
+    """A processor that says shortest side 80, crop 64, other mean/std (with a 64-px vision tower)."""
+    from alignprop_reward_pickscore import PickScoreReward
+
+    processor = dict(size={"shortest_edge": 80}, crop_size={"height": 64, "width": 64},
+                     image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    model_dir, processor_dir = _save_tiny_clip(tmp_path / "m", tmp_path / "p", image_size=64,
+                                               processor_kwargs=processor, seed=3)
+    reward = PickScoreReward.from_options(model=model_dir, processor=processor_dir)
+    img = _uint8_image(130, 200, seed=7)
+    logits, ref_pixels = _reference(model_dir, processor_dir, [img], PROMPTS[:1])
+    pixels = reward.preprocess(_to_tensor(img))
+    assert pixels.shape == ref_pixels.shape == (1, 3, 64, 64)
+    assert (pixels - ref_pixels).abs().max() < 0.025
+    with torch.no_grad():
+        assert abs(reward(_to_tensor(img), PROMPTS[:1], [{}]).item() - logits.item()) < 0.05
+
+
+def test_gradient_reaches_images_and_reward_stays_frozen(reward):
+    images = torch.rand(2, 3, 96, 128, requires_grad=True)
+    reward.train()  # must not unfreeze
+    assert not reward.training and not reward.model.training
+    assert all(not p.requires_grad for p in reward.parameters())
+    scores = reward(images, PROMPTS[:2], [{}, {}])
+    assert scores.grad_fn is not None
+    scores.sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reward.parameters())
+
+
+def test_dtype_option_runs_the_model_in_bfloat16(tiny, reward):
+    from alignprop_reward_pickscore import PickScoreReward
+
+    half = PickScoreReward.from_options(model=tiny["model"], processor=tiny["processor"], dtype="bfloat16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    images = torch.rand(2, 3, 96, 128, requires_grad=True)
+    scores = half(images, PROMPTS[:2], [{}, {}])
+    assert scores.dtype == torch.float32
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    with torch.no_grad():  # measured difference to float32: about 0.2 on a scale of 100
+        torch.testing.assert_close(scores.detach(), reward(images.detach(), PROMPTS[:2], [{}, {}]), atol=1.0, rtol=0)
+
+
+def test_text_embeddings_are_cached_per_prompt(tiny):
+    from alignprop_reward_pickscore import PickScoreReward
+
+    reward = PickScoreReward.from_options(model=tiny["model"], processor=tiny["processor"])
+    encoded: list[int] = []
+    original = reward.model.get_text_features
+
+    def counting(*args, **kwargs):
+        encoded.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    reward.model.get_text_features = counting
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        first = reward(images, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [{}] * 3)
+        assert encoded == [2]  # one batch with the two distinct prompts
+        second = reward(images, [PROMPTS[0], PROMPTS[1], PROMPTS[0]], [{}] * 3)
+        assert encoded == [2]  # cache hit: nothing re-encoded
+        reward(images, [PROMPTS[2], PROMPTS[1], PROMPTS[0]], [{}] * 3)
+        assert encoded == [2, 1]  # only the new prompt
+    torch.testing.assert_close(first, second)
+    fresh = PickScoreReward.from_options(model=tiny["model"], processor=tiny["processor"])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.text_embeds([PROMPTS[1]]), reward.text_embeds([PROMPTS[1]]))
+
+
+def test_missing_local_folders_are_clear_errors(tiny, tmp_path):
+    from alignprop_core.errors import AlignPropError
+    from alignprop_reward_pickscore import PickScoreReward
+
+    with pytest.raises(AlignPropError, match=r"model folder .*no_model.* does not exist.*options\.model") as info:
+        PickScoreReward.from_options(model=str(tmp_path / "no_model"), processor=tiny["processor"])
+    assert "\n" not in str(info.value)
+    with pytest.raises(AlignPropError, match=r"processor folder .*no_proc.* does not exist.*options\.processor"):
+        PickScoreReward.from_options(model=tiny["model"], processor=str(tmp_path / "no_proc"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AlignPropError, match=r"could not load CLIPModel local folder .*empty.*options\.model"):
+        PickScoreReward.from_options(model=str(empty), processor=tiny["processor"])
+
+
+def test_bad_inputs_are_clear_errors(reward):
+    from alignprop_core.errors import AlignPropError
+
+    with pytest.raises(AlignPropError, match="2 images but 1 prompts"):
+        reward(torch.rand(2, 3, 64, 64), ["one"], [{}])
+    with pytest.raises(AlignPropError, match="a single string"):
+        reward(torch.rand(1, 3, 64, 64), "one", [{}])
+    with pytest.raises(AlignPropError, match=r"\[B, 3, H, W\]"):
+        reward(torch.rand(1, 64, 64), ["one"], [{}])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("alignprop_core.trainer") is None,
+                    reason="alignprop_core.trainer does not exist yet")
+def test_two_step_training_with_the_pickscore_reward(tiny, tmp_path):
+    from alignprop_core import AlignPropConfig, AlignPropTrainer
+    from alignprop_core.tiny import build_tiny_pipeline
+
+    path = build_tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "out"
+    options = {"model": tiny["model"], "processor": tiny["processor"]}
+    AlignPropTrainer(AlignPropConfig(
+        pretrained_model=str(path), rewards=[{"name": "pickscore", "weight": 1.0, "options": options}],
+        num_epochs=2, sample_num_steps=2, train_batch_size=1, eval_num_samples=0, mixed_precision="no",
+        output_dir=str(out))).train()
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
