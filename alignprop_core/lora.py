@@ -39,7 +39,10 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
     """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``."""
     from diffusers import StableDiffusionPipeline
 
+    # The adapter config (rank, alpha, targets) goes into the safetensors metadata: without it diffusers would load
+    # a LoRA trained with lora_alpha != lora_rank at the wrong scale.
     StableDiffusionPipeline.save_lora_weights(save_directory=str(directory), unet_lora_layers=unet_lora_state_dict(unet),
+                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
                                               safe_serialization=True)
 
 

@@ -51,7 +51,8 @@ def test_training_raises_the_reward_on_fixed_seed_samples(tiny_config):
 def test_exported_lora_loads_into_a_fresh_pipeline_and_changes_its_output(tiny_config, tiny_sd_path):
     from diffusers import StableDiffusionPipeline
 
-    trainer = AlignPropTrainer(tiny_config(num_epochs=3, train_learning_rate=5e-2))
+    # alpha != rank: the scale alpha/rank must travel with the file
+    trainer = AlignPropTrainer(tiny_config(num_epochs=3, train_learning_rate=5e-2, lora_rank=4, lora_alpha=8))
     result = trainer.train()
     assert (result.lora_dir / LORA_WEIGHTS_NAME).is_file()
     keys = load_file(result.lora_dir / LORA_WEIGHTS_NAME).keys()
