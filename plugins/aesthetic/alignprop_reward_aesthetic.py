@@ -9,15 +9,14 @@ Images are preprocessed with differentiable tensor ops that reproduce the CLIP m
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from alignprop_core.errors import AlignPropError
 from alignprop_core.hookspecs import hookimpl
+from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
 
 REWARD_NAME = "aesthetic"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -113,18 +112,18 @@ class AestheticReward(torch.nn.Module):
                 f"aesthetic: the predictor expects {in_dim}-d CLIP embeddings but clip_model '{clip_model}' produces "
                 f"{embed_dim}-d ones; use the CLIP model the predictor was trained on (ViT-L/14: {DEFAULT_CLIP_MODEL})"
             )
-        return cls(vision_model, mlp, _read_preprocessing(clip_model))
+        return cls(vision_model, mlp, read_image_processor_config(clip_model))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable equivalent of the CLIP model's image processor on ``[0,1]`` images."""
-        return _clip_image_processor_tensor(images, self.preprocessing)
+        return image_processor_preprocess(images, self.preprocessing)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision_model(pixel_values=pixel_values)
         return out.image_embeds if hasattr(out, "image_embeds") else out[0]
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None):
-        _check_images(images)
+        check_images(images, REWARD_NAME)
         param = next(self.vision_model.parameters())
         # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype), then cast
         pixel_values = self.preprocess(images.to(device=param.device, dtype=torch.float32)).to(param.dtype)
@@ -253,116 +252,3 @@ def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
-
-
-# ----------------------------------------------------------------------------------------------- preprocessing
-_DEFAULT_PREPROCESSING = {
-    "do_resize": True,
-    "size": {"shortest_edge": 224},
-    "do_center_crop": True,
-    "crop_size": {"height": 224, "width": 224},
-    "do_normalize": True,
-    "image_mean": (0.48145466, 0.4578275, 0.40821073),
-    "image_std": (0.26862954, 0.26130258, 0.27577711),
-}
-
-
-def _read_preprocessing(source: str) -> dict[str, Any]:
-    """The image-processor settings of ``source``: its preprocessor_config.json (local folder or hub file).
-
-    Falls back to OpenAI CLIP's (224 shortest side, crop 224, CLIP mean/std) when the checkpoint has none.
-    """
-    config: dict[str, Any] = {}
-    local = os.path.expanduser(str(source))
-    for name in ("preprocessor_config.json", "processor_config.json"):  # transformers 5 saves the latter
-        try:
-            if os.path.isdir(local):
-                path = os.path.join(local, name)
-                if not os.path.isfile(path):
-                    continue
-            else:
-                from huggingface_hub import hf_hub_download
-
-                path = hf_hub_download(str(source), name)
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-            break
-        except Exception:  # not shipped (or hub unreachable): try the next name, then OpenAI CLIP defaults
-            continue
-    if isinstance(config.get("image_processor"), dict):  # processor_config.json nests it
-        config = config["image_processor"]
-    merged = dict(_DEFAULT_PREPROCESSING)
-    merged.update({k: v for k, v in config.items() if k in _DEFAULT_PREPROCESSING or k == "resample"})
-    return _normalise_sizes(merged)
-
-
-def _normalise_sizes(cfg: dict[str, Any]) -> dict[str, Any]:
-    for key in ("size", "crop_size"):
-        value = cfg.get(key)
-        if isinstance(value, int):
-            cfg[key] = {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
-    resample = cfg.get("resample", 3)
-    if resample not in (None, 3):
-        import warnings
-
-        warnings.warn(f"aesthetic: image processor uses resample={resample}; the reward resizes bicubic (3)")
-    return cfg
-
-
-def _resize_like_pil(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bicubic resize done like PIL: width first, then height, clipping to [0, 1] after each pass.
-
-    PIL (and torchvision on uint8) resamples in two separable passes and clips the intermediate image; a single
-    2-D ``interpolate`` keeps the first pass's bicubic overshoot and lands up to ~2.5/255 further from PIL.
-    """
-    if images.shape[-1] != width:
-        images = F.interpolate(images, size=(images.shape[-2], width), mode="bicubic", antialias=True,
-                               align_corners=False).clamp(0, 1)
-    if images.shape[-2] != height:
-        images = F.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
-                               align_corners=False).clamp(0, 1)
-    return images
-
-
-def _resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size``, longer side ``int(size * long / short)`` (transformers/torchvision rounding)."""
-    h, w = images.shape[-2:]
-    if h <= w:
-        return _resize_like_pil(images, size, int(size * w / h))
-    return _resize_like_pil(images, int(size * h / w), size)
-
-
-def _center_crop_floor(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """transformers' center crop: offsets rounded down ((H - h) // 2); zero-pads first if the image is smaller."""
-    h, w = images.shape[-2:]
-    if height > h or width > w:
-        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
-        images = F.pad(images, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        h, w = images.shape[-2:]
-    top, left = (h - height) // 2, (w - width) // 2
-    return images[..., top:top + height, left:left + width]
-
-
-def _clip_image_processor_tensor(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    from alignprop_core.preprocess import normalize
-
-    size = cfg.get("size") or {}
-    if cfg.get("do_resize", True):
-        if size.get("shortest_edge"):
-            images = _resize_shortest_side(images, int(size["shortest_edge"]))
-        elif size.get("height") and size.get("width"):
-            images = _resize_like_pil(images, int(size["height"]), int(size["width"]))
-    crop = cfg.get("crop_size") or {}
-    if cfg.get("do_center_crop", True) and crop.get("height") and crop.get("width"):
-        images = _center_crop_floor(images, int(crop["height"]), int(crop["width"]))
-    if cfg.get("do_normalize", True):
-        images = normalize(images, tuple(cfg["image_mean"]), tuple(cfg["image_std"]))
-    return images
-
-
-def _check_images(images: Any) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise AlignPropError(f"aesthetic: expected images as a float tensor [B, 3, H, W] in [0, 1], got {shape}")
-    if not images.is_floating_point():
-        raise AlignPropError(f"aesthetic: expected float images in [0, 1], got dtype {images.dtype}; convert with x / 255")

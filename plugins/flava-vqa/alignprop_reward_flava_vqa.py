@@ -31,7 +31,7 @@ import torch
 
 from alignprop_core.errors import AlignPropError
 from alignprop_core.hookspecs import hookimpl
-from alignprop_core.preprocess import center_crop, normalize, resize, resize_shortest_side
+from alignprop_core.preprocess import image_processor_preprocess
 
 DEFAULT_MODEL = "facebook/flava-full"
 SCORES = ("itm", "answer_likelihood")
@@ -124,45 +124,33 @@ class FlavaVQAReward(torch.nn.Module):
         return super().train(False)
 
     # ------------------------------------------------------------------------------------------ preprocess
-    def _configure_preprocessing(self, image_processor: Any) -> None:
-        """Mirror the processor config: resize (squash to height x width, or shortest edge), center crop, normalise."""
-        ip = image_processor
-        self.resize_to: tuple[str, Any] | None = None
-        if _field(ip, "do_resize") is not False:
-            if not _is_bicubic(_field(ip, "resample")):
-                raise AlignPropError(
-                    f"flava_vqa: the image processor resamples with {_field(ip, 'resample')!r}; only bicubic is "
-                    "supported (FLAVA's own setting); fix 'resample' in the model folder's processor config"
-                )
-            size = _field(ip, "size")
-            if _field(size, "shortest_edge"):
-                self.resize_to = ("shortest", int(_field(size, "shortest_edge")))
-            elif _field(size, "height") and _field(size, "width"):
-                self.resize_to = ("exact", (int(_field(size, "height")), int(_field(size, "width"))))
-            else:
-                raise AlignPropError(
-                    f"flava_vqa: unsupported image processor size {size!r}; expected height/width or shortest_edge"
-                )
+    def _configure_preprocessing(self, ip: Any) -> None:
+        """Mirror the processor's settings (read from the object: ``size: 224`` already means 224x224 there)."""
+        do_resize = _field(ip, "do_resize") is not False
+        size = {k: _field(_field(ip, "size"), k) for k in ("shortest_edge", "height", "width")}
+        if do_resize and not _is_bicubic(_field(ip, "resample")):
+            raise AlignPropError(
+                f"flava_vqa: the image processor resamples with {_field(ip, 'resample')!r}; only bicubic is "
+                "supported (FLAVA's own setting); fix 'resample' in the model folder's processor config"
+            )
+        if do_resize and not (size["shortest_edge"] or (size["height"] and size["width"])):
+            raise AlignPropError(
+                f"flava_vqa: unsupported image processor size {_field(ip, 'size')!r}; expected height/width or "
+                "shortest_edge"
+            )
         crop = _field(ip, "crop_size") if _field(ip, "do_center_crop") else None
-        self.crop_to = (int(_field(crop, "height")), int(_field(crop, "width"))) if crop is not None else None
         self.image_mean = tuple(float(v) for v in (_field(ip, "image_mean") or (0.0, 0.0, 0.0)))
         self.image_std = tuple(float(v) for v in (_field(ip, "image_std") or (1.0, 1.0, 1.0)))
-        self.do_normalize = _field(ip, "do_normalize") is not False
+        self.preprocessing = {
+            "do_resize": do_resize, "size": size, "do_center_crop": crop is not None,
+            "crop_size": {k: _field(crop, k) for k in ("height", "width")},
+            "do_normalize": _field(ip, "do_normalize") is not False,
+            "image_mean": self.image_mean, "image_std": self.image_std,
+        }
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable version of the FLAVA image processor (images in [0, 1] = after its 1/255 rescale)."""
-        if self.resize_to is not None:
-            mode, size = self.resize_to
-            images = resize_shortest_side(images, size) if mode == "shortest" else resize(images, *size)
-        if self.crop_to is not None:  # transformers' image processors floor the crop offsets
-            height, width = self.crop_to
-            if height == width:
-                images = center_crop(images, height, rounding="floor")
-            else:
-                h, w = images.shape[-2:]
-                top, left = (h - height) // 2, (w - width) // 2
-                images = images[..., top:top + height, left:left + width]
-        return normalize(images, self.image_mean, self.image_std) if self.do_normalize else images
+        return image_processor_preprocess(images, self.preprocessing)
 
     # ---------------------------------------------------------------------------------------------- text
     def _pairs(self, prompts: list[str], metadata: list[dict] | None) -> list[list[tuple[str | None, str]]]:

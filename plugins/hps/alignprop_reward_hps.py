@@ -85,6 +85,18 @@ def _architecture_name(architecture: str) -> str:
     return architecture
 
 
+def _create_model(name: str) -> torch.nn.Module:
+    """The open_clip architecture ``name`` with random weights (no download)."""
+    import open_clip
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the HPS weights come next
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(previous)
+
+
 class HPSReward(torch.nn.Module):
     """``reward(images, prompts, metadata) -> Tensor[B]``: HPS cosine score of each image with its prompt."""
 
@@ -116,12 +128,7 @@ class HPSReward(torch.nn.Module):
         import open_clip
 
         name = _architecture_name(architecture)
-        previous = logging.root.manager.disable
-        logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": the HPS weights come next
-        try:
-            model = open_clip.create_model(name, pretrained=None)
-        finally:
-            logging.disable(previous)
+        model = _create_model(name)
         try:
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:

@@ -9,15 +9,14 @@ Text: the processor's CLIP tokenizer, padding to max_length 77 with truncation. 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from alignprop_core.errors import AlignPropError
 from alignprop_core.hookspecs import hookimpl
+from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
 
 REWARD_NAME = "pickscore"
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
@@ -67,15 +66,19 @@ class PickScoreReward(torch.nn.Module):
             (default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, the processor PickScore was trained with).
         dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for the CLIP model.
         """
+        from transformers import AutoTokenizer, CLIPModel
+
         torch_dtype = _parse_dtype(dtype)
-        clip = _load_clip_model(model, torch_dtype)
-        tokenizer = _load_tokenizer(processor)
-        return cls(clip, tokenizer, _read_preprocessing(processor))
+        clip = _load(lambda path: CLIPModel.from_pretrained(path, dtype=torch_dtype), model, "model", DEFAULT_MODEL,
+                     "config.json + model weights", "CLIPModel")
+        tokenizer = _load(AutoTokenizer.from_pretrained, processor, "processor", DEFAULT_PROCESSOR,
+                          "the CLIP tokenizer files + preprocessor_config.json", "the tokenizer from")
+        return cls(clip, tokenizer, read_image_processor_config(processor))
 
     # --------------------------------------------------------------------------------------------- pieces
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable equivalent of the processor's CLIPImageProcessor on ``[0,1]`` images."""
-        return _clip_image_processor_tensor(images, self.preprocessing)
+        return image_processor_preprocess(images, self.preprocessing)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (differentiable)."""
@@ -155,49 +158,29 @@ def _looks_like_path(value: str) -> bool:
     )
 
 
-def _resolve_source(source: str, option: str, default: str, what: str) -> str:
+def _load(loader: Any, source: str, option: str, default: str, files: str, what: str) -> Any:
+    """``loader(folder or hub id)``, with one-line errors that name ``options.<option>``."""
     source = str(source)
-    local = os.path.expanduser(source)
-    if os.path.exists(local):
-        if not os.path.isdir(local):
-            raise AlignPropError(
-                f"pickscore: {option} '{source}' is a file; set options.{option} to a folder holding {what} "
-                f"(a local copy of {default}) or a hub id"
-            )
-        return local
-    if _looks_like_path(source):
+    path = os.path.expanduser(source)
+    if os.path.exists(path) and not os.path.isdir(path):
         raise AlignPropError(
-            f"pickscore: {option} folder '{source}' does not exist; set options.{option} to a local copy of "
-            f"{default} ({what}) or to a hub id"
+            f"pickscore: {option} '{source}' is a file; set options.{option} to a folder holding {files} "
+            f"(a local copy of {default}) or a hub id"
         )
-    return source
-
-
-def _load_clip_model(source: str, dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import CLIPModel
-
-    path = _resolve_source(source, "model", DEFAULT_MODEL, "config.json + model weights")
+    if not os.path.exists(path):
+        if _looks_like_path(source):
+            raise AlignPropError(
+                f"pickscore: {option} folder '{source}' does not exist; set options.{option} to a local copy of "
+                f"{default} ({files}) or to a hub id"
+            )
+        path = source
     try:
-        return CLIPModel.from_pretrained(path, dtype=dtype)
+        return loader(path)
     except Exception as exc:
         where = "local folder" if os.path.isdir(path) else "hub id"
         raise AlignPropError(
-            f"pickscore: could not load CLIPModel {where} '{source}' ({type(exc).__name__}: {_first_line(exc)}); "
-            f"set options.model to a local folder with a copy of {DEFAULT_MODEL}"
-        ) from exc
-
-
-def _load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
-
-    path = _resolve_source(source, "processor", DEFAULT_PROCESSOR, "the CLIP tokenizer files + preprocessor_config.json")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as exc:
-        where = "local folder" if os.path.isdir(path) else "hub id"
-        raise AlignPropError(
-            f"pickscore: could not load the tokenizer from {where} '{source}' ({type(exc).__name__}: "
-            f"{_first_line(exc)}); set options.processor to a local folder with a copy of {DEFAULT_PROCESSOR}"
+            f"pickscore: could not load {what} {where} '{source}' ({type(exc).__name__}: {_first_line(exc)}); "
+            f"set options.{option} to a local folder with a copy of {default}"
         ) from exc
 
 
@@ -206,112 +189,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-# ----------------------------------------------------------------------------------------------- preprocessing
-_DEFAULT_PREPROCESSING = {
-    "do_resize": True,
-    "size": {"shortest_edge": 224},
-    "do_center_crop": True,
-    "crop_size": {"height": 224, "width": 224},
-    "do_normalize": True,
-    "image_mean": (0.48145466, 0.4578275, 0.40821073),
-    "image_std": (0.26862954, 0.26130258, 0.27577711),
-}
-
-
-def _read_preprocessing(source: str) -> dict[str, Any]:
-    """The image-processor settings of ``source``: its preprocessor_config.json (local folder or hub file).
-
-    Falls back to OpenAI CLIP's (224 shortest side, crop 224, CLIP mean/std) when there is none.
-    """
-    config: dict[str, Any] = {}
-    local = os.path.expanduser(str(source))
-    for name in ("preprocessor_config.json", "processor_config.json"):  # transformers 5 saves the latter
-        try:
-            if os.path.isdir(local):
-                path = os.path.join(local, name)
-                if not os.path.isfile(path):
-                    continue
-            else:
-                from huggingface_hub import hf_hub_download
-
-                path = hf_hub_download(str(source), name)
-            with open(path, encoding="utf-8") as f:
-                config = json.load(f)
-            break
-        except Exception:  # not shipped (or hub unreachable): try the next name, then OpenAI CLIP defaults
-            continue
-    if isinstance(config.get("image_processor"), dict):  # processor_config.json nests it
-        config = config["image_processor"]
-    merged = dict(_DEFAULT_PREPROCESSING)
-    merged.update({k: v for k, v in config.items() if k in _DEFAULT_PREPROCESSING or k == "resample"})
-    for key in ("size", "crop_size"):
-        value = merged.get(key)
-        if isinstance(value, int):
-            merged[key] = {"shortest_edge": value} if key == "size" else {"height": value, "width": value}
-    if merged.get("resample", 3) not in (None, 3):
-        import warnings
-
-        warnings.warn(f"pickscore: image processor uses resample={merged['resample']}; the reward resizes bicubic (3)")
-    return merged
-
-
-def _resize_like_pil(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Antialiased bicubic resize done like PIL: width first, then height, clipping to [0, 1] after each pass.
-
-    PIL (and torchvision on uint8) resamples in two separable passes and clips the intermediate image; a single
-    2-D ``interpolate`` keeps the first pass's bicubic overshoot and lands up to ~2.5/255 further from PIL.
-    """
-    if images.shape[-1] != width:
-        images = F.interpolate(images, size=(images.shape[-2], width), mode="bicubic", antialias=True,
-                               align_corners=False).clamp(0, 1)
-    if images.shape[-2] != height:
-        images = F.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
-                               align_corners=False).clamp(0, 1)
-    return images
-
-
-def _resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size``, longer side ``int(size * long / short)`` (transformers/torchvision rounding)."""
-    h, w = images.shape[-2:]
-    if h <= w:
-        return _resize_like_pil(images, size, int(size * w / h))
-    return _resize_like_pil(images, int(size * h / w), size)
-
-
-def _center_crop_floor(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """transformers' center crop: offsets rounded down ((H - h) // 2); zero-pads first if the image is smaller."""
-    h, w = images.shape[-2:]
-    if height > h or width > w:
-        pad_h, pad_w = max(height - h, 0), max(width - w, 0)
-        images = F.pad(images, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
-        h, w = images.shape[-2:]
-    top, left = (h - height) // 2, (w - width) // 2
-    return images[..., top:top + height, left:left + width]
-
-
-def _clip_image_processor_tensor(images: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    from alignprop_core.preprocess import normalize
-
-    size = cfg.get("size") or {}
-    if cfg.get("do_resize", True):
-        if size.get("shortest_edge"):
-            images = _resize_shortest_side(images, int(size["shortest_edge"]))
-        elif size.get("height") and size.get("width"):
-            images = _resize_like_pil(images, int(size["height"]), int(size["width"]))
-    crop = cfg.get("crop_size") or {}
-    if cfg.get("do_center_crop", True) and crop.get("height") and crop.get("width"):
-        images = _center_crop_floor(images, int(crop["height"]), int(crop["width"]))
-    if cfg.get("do_normalize", True):
-        images = normalize(images, tuple(cfg["image_mean"]), tuple(cfg["image_std"]))
-    return images
-
-
 def _check_inputs(images: Any, prompts: Any) -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise AlignPropError(f"pickscore: expected images as a float tensor [B, 3, H, W] in [0, 1], got {shape}")
-    if not images.is_floating_point():
-        raise AlignPropError(f"pickscore: expected float images in [0, 1], got dtype {images.dtype}; convert with x / 255")
+    check_images(images, REWARD_NAME)
     if isinstance(prompts, str) or len(prompts) != images.shape[0]:
         n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
         raise AlignPropError(f"pickscore: got {images.shape[0]} images but {n}; pass one prompt per image (a list)")

@@ -6,59 +6,12 @@ Run: cd /work/main && PYTHONPATH=/work/main .venv/bin/python -m pytest plugins/a
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
-import numpy as np
 import pytest
 import torch
 
 PROJ_DIM = 16
 MLP_DIMS = (PROJ_DIM, 24, 12, 8, 4)  # the real predictor is 768-1024-128-64-16(-1)
-
-
-def _bytes_to_unicode() -> list[str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def _char_tokenizer():
-    from transformers import CLIPTokenizer
-
-    symbols = _bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, unk_token="<|endoftext|>",
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def _save_tiny_clip(path, image_size=224, processor_kwargs=None, seed=0):
-    """A tiny transformers CLIPModel (real architecture) + CLIPProcessor, saved with save_pretrained."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = _char_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=32),
-        projection_dim=PROJ_DIM,
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(path)
-    image_processor = CLIPImageProcessor(**(processor_kwargs or {}))
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
 
 
 def _tiny_mlp_state(seed=1):
@@ -73,12 +26,12 @@ def _tiny_mlp_state(seed=1):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, helpers):
     root = tmp_path_factory.mktemp("aesthetic")
-    clip_dir = _save_tiny_clip(root / "clip")
+    clip_dir, _ = helpers.save_tiny_clip(root / "clip", projection_dim=PROJ_DIM)
     state = _tiny_mlp_state()
     torch.save(state, root / "predictor.pth")
-    return {"clip_model": str(clip_dir), "predictor": str(root / "predictor.pth"), "state": state, "root": root}
+    return {"clip_model": clip_dir, "predictor": str(root / "predictor.pth"), "state": state, "root": root}
 
 
 @pytest.fixture(scope="module")
@@ -88,37 +41,15 @@ def reward(tiny):
     return plugins.build("reward", "aesthetic", {"clip_model": tiny["clip_model"], "predictor": tiny["predictor"]})
 
 
-def _uint8_image(h, w, seed):
-    """Smooth random colour field plus fine noise (uint8 HWC), like a photo with texture."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR)).astype(np.int16)
-    return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
-
-
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
-
-
-def _pil_processor(folder):
-    """The reference PIL pipeline: transformers' CLIPImageProcessor (PIL backend) read from the saved folder."""
-    try:
-        from transformers import CLIPImageProcessorPil as Processor  # transformers >= 5
-    except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL implementation
-        from transformers import CLIPImageProcessor as Processor
-    return Processor.from_pretrained(folder)
-
-
-def _reference_scores(folder, state, images):
+def _reference_scores(folder, state, images, helpers):
     """Independent computation: transformers CLIPModel.get_image_features on the image processor's pixels,
     L2-normalised, then the predictor's five affine layers applied by hand from the state dict."""
     from PIL import Image
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(folder).eval()
-    pixels = _pil_processor(folder)(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    processor = helpers.pil_clip_processor(folder)
+    pixels = processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         out = model.get_image_features(pixel_values=pixels)
         emb = out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -138,19 +69,19 @@ def test_entry_point_registers_aesthetic():
     assert registration.plugin == "aesthetic"
 
 
-def test_score_matches_transformers_clip_and_laion_mlp(tiny, reward):
+def test_score_matches_transformers_clip_and_laion_mlp(tiny, reward, helpers):
     """224x224 images need no resize or crop: only float rounding separates us from the reference."""
-    images = [_uint8_image(224, 224, seed) for seed in range(3)]
-    expected, _ = _reference_scores(tiny["clip_model"], tiny["state"], images)
+    images = [helpers.uint8_image(224, 224, seed) for seed in range(3)]
+    expected, _ = _reference_scores(tiny["clip_model"], tiny["state"], images, helpers)
     with torch.no_grad():
-        got = reward(torch.cat([_to_tensor(i) for i in images]), ["p"] * 3, [{}] * 3)
+        got = reward(helpers.to_tensor(images), ["p"] * 3, [{}] * 3)
     assert got.shape == (3,) and got.dtype == torch.float32
     assert expected.std() > 0.05  # the images score differently, so the comparison means something
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(256, 256), (299, 224), (224, 301), (512, 512), (640, 1024), (1024, 1024)])
-def test_preprocessing_parity_with_pil_image_processor(tiny, reward, shape):
+def test_preprocessing_parity_with_pil_image_processor(tiny, reward, shape, helpers):
     """Tensor path vs transformers' CLIPImageProcessor (PIL) on the same uint8 image.
 
     Measured (these images; transformers 5.24, Pillow 13, torch 2.13 CPU): max |pixel diff| 0.0156 in normalised
@@ -160,32 +91,33 @@ def test_preprocessing_parity_with_pil_image_processor(tiny, reward, shape):
     crop offset, one-pass resize) the 299x224 image is off by 0.81 per pixel and 0.078 in score: caught here.
     """
     h, w = shape
-    img = _uint8_image(h, w, seed=h + w)
-    expected, ref_pixels = _reference_scores(tiny["clip_model"], tiny["state"], [img])
-    pixels = reward.preprocess(_to_tensor(img))
+    img = helpers.uint8_image(h, w, seed=h + w)
+    expected, ref_pixels = _reference_scores(tiny["clip_model"], tiny["state"], [img], helpers)
+    pixels = reward.preprocess(helpers.to_tensor(img))
     assert pixels.shape == ref_pixels.shape == (1, 3, 224, 224)
     diff = (pixels - ref_pixels).abs()
     assert diff.max() < 0.025 and diff.mean() < 0.006, (diff.max().item(), diff.mean().item())
     with torch.no_grad():
-        got = reward(_to_tensor(img), ["p"], [{}])
+        got = reward(helpers.to_tensor(img), ["p"], [{}])
     assert abs(got.item() - expected.item()) < 0.01, (got.item(), expected.item())
 
 
-def test_preprocessing_is_read_from_the_clip_folder(tmp_path, tiny):
+def test_preprocessing_is_read_from_the_clip_folder(tmp_path, tiny, helpers):
     """A folder whose processor says shortest side 80, crop 64, other mean/std (and a 64-px vision tower)."""
     from alignprop_reward_aesthetic import AestheticReward
 
     processor = dict(size={"shortest_edge": 80}, crop_size={"height": 64, "width": 64},
                      image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
-    folder = _save_tiny_clip(tmp_path / "clip64", image_size=64, processor_kwargs=processor, seed=3)
-    reward = AestheticReward.from_options(clip_model=str(folder), predictor=tiny["predictor"])
-    img = _uint8_image(200, 130, seed=7)
-    expected, ref_pixels = _reference_scores(str(folder), tiny["state"], [img])
-    pixels = reward.preprocess(_to_tensor(img))
+    folder, _ = helpers.save_tiny_clip(tmp_path / "clip64", image_size=64, processor_kwargs=processor, seed=3,
+                                       projection_dim=PROJ_DIM)
+    reward = AestheticReward.from_options(clip_model=folder, predictor=tiny["predictor"])
+    img = helpers.uint8_image(200, 130, seed=7)
+    expected, ref_pixels = _reference_scores(folder, tiny["state"], [img], helpers)
+    pixels = reward.preprocess(helpers.to_tensor(img))
     assert pixels.shape == ref_pixels.shape == (1, 3, 64, 64)
     assert (pixels - ref_pixels).abs().max() < 0.025
     with torch.no_grad():
-        assert abs(reward(_to_tensor(img), ["p"], [{}]).item() - expected.item()) < 0.01
+        assert abs(reward(helpers.to_tensor(img), ["p"], [{}]).item() - expected.item()) < 0.01
 
 
 def test_gradient_reaches_images_and_reward_stays_frozen(reward):
@@ -273,17 +205,6 @@ def test_bad_images_are_a_clear_error(reward):
         reward(torch.rand(3, 64, 64), ["a"], [{}])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("alignprop_core.trainer") is None,
-                    reason="alignprop_core.trainer does not exist yet")
-def test_two_step_training_with_the_aesthetic_reward(tiny, tmp_path):
-    from alignprop_core import AlignPropConfig, AlignPropTrainer
-    from alignprop_core.tiny import build_tiny_pipeline
-
-    path = build_tiny_pipeline(tmp_path / "pipe")
-    out = tmp_path / "out"
-    options = {"clip_model": tiny["clip_model"], "predictor": tiny["predictor"]}
-    AlignPropTrainer(AlignPropConfig(
-        pretrained_model=str(path), rewards=[{"name": "aesthetic", "weight": 1.0, "options": options}],
-        num_epochs=2, sample_num_steps=2, train_batch_size=1, eval_num_samples=0, mixed_precision="no",
-        output_dir=str(out))).train()
+def test_two_step_training_with_the_aesthetic_reward(tiny, train_two_steps):
+    out = train_two_steps("aesthetic", {"clip_model": tiny["clip_model"], "predictor": tiny["predictor"]})
     assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -7,8 +7,6 @@ The reference computations run the full ``FlavaForPreTraining.forward`` (``itm_l
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -87,20 +85,6 @@ def uint8_images(batch, height=224, width=224, seed=0):
     return [rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8) for _ in range(batch)]
 
 
-def to_tensor(arrays):
-    return torch.stack([torch.from_numpy(a).permute(2, 0, 1) for a in arrays]).float() / 255
-
-
-def smooth_uint8(height, width, seed):
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(height, width)
-    channels = []
-    for _ in range(3):
-        a, b, c = rng.uniform(1, 6, size=3)
-        channels.append(0.5 + 0.25 * np.sin(a * 6.28 * x + b) * np.cos(c * 6.28 * y) + 0.2 * np.sin(9 * x * y + a))
-    return (np.clip(np.stack(channels, -1), 0, 1) * 255).round().astype(np.uint8)
-
-
 def reference_itm(model, processor, pil_images, texts_per_image):
     """Mean ITM match probability per image, from FlavaForPreTraining.forward on the processor's inputs."""
     images = [img for img, texts in zip(pil_images, texts_per_image) for _ in texts]
@@ -122,12 +106,12 @@ def test_entry_point_is_installed():
     assert found["flava_vqa"].package == "alignprop-reward-flava-vqa"
 
 
-def test_itm_score_matches_flava_forward_with_and_without_questions(model_dir, reference):
+def test_itm_score_matches_flava_forward_with_and_without_questions(model_dir, reference, helpers):
     model, processor = reference
     reward = build(model_dir)
     assert model.image_codebook is not None and reward.model.image_codebook is None  # not needed by any score
     arrays = uint8_images(3)  # 224x224: the image processor only rescales and normalises
-    scores = reward(to_tensor(arrays), PROMPTS, METADATA)
+    scores = reward(helpers.to_tensor(arrays), PROMPTS, METADATA)
     assert scores.shape == (3,)
     texts = [
         ["How many cats are there in this image? 3", "What animal is in this image? cat"],
@@ -139,19 +123,19 @@ def test_itm_score_matches_flava_forward_with_and_without_questions(model_dir, r
     assert ((scores > 0) & (scores < 1)).all()
     # the score really depends on the metadata: other answers give other scores
     wrong = [{"questions": COUNTING["questions"], "answers": ["7", "dog"]}, METADATA[1], {}]
-    assert not torch.allclose(reward(to_tensor(arrays), PROMPTS, wrong)[0], scores[0], atol=1e-4)
+    assert not torch.allclose(reward(helpers.to_tensor(arrays), PROMPTS, wrong)[0], scores[0], atol=1e-4)
     # and on the image
-    flipped = reward(to_tensor(arrays).flip(-1), PROMPTS, METADATA)
+    flipped = reward(helpers.to_tensor(arrays).flip(-1), PROMPTS, METADATA)
     assert not torch.allclose(flipped, scores, atol=1e-4)
 
 
-def test_answer_likelihood_matches_flava_mmm_text_head(model_dir, reference):
+def test_answer_likelihood_matches_flava_mmm_text_head(model_dir, reference, helpers):
     model, processor = reference
     reward = build(model_dir, score="answer_likelihood")
     arrays = uint8_images(2, seed=3)
     metadata = [COUNTING, {}]
     prompts = ["3 cats", "a red car on the night"]
-    scores = reward(to_tensor(arrays), prompts, metadata)
+    scores = reward(helpers.to_tensor(arrays), prompts, metadata)
 
     tokenizer = processor.tokenizer
     expected = []
@@ -190,11 +174,14 @@ def test_gradient_reaches_images_and_reward_is_frozen(model_dir):
     "height,width,kind",
     [(512, 512, "smooth"), (1024, 1024, "smooth"), (300, 200, "smooth"), (333, 1000, "smooth"), (512, 768, "noise")],
 )
-def test_preprocessing_matches_the_flava_image_processor(model_dir, reference, height, width, kind):
+def test_preprocessing_matches_the_flava_image_processor(model_dir, reference, height, width, kind, helpers):
     model, processor = reference
     reward = build(model_dir)
-    array = smooth_uint8(height, width, seed=height + width) if kind == "smooth" else uint8_images(1, height, width)[0]
-    ours = reward.preprocess(to_tensor([array]))
+    if kind == "smooth":
+        array = helpers.smooth_uint8(height, width, seed=height + width)
+    else:
+        array = uint8_images(1, height, width)[0]
+    ours = reward.preprocess(helpers.to_tensor([array]))
     from transformers.models.flava.image_processing_pil_flava import FlavaImageProcessorPil
 
     pil_processor = FlavaImageProcessorPil(**processor.image_processor.to_dict())
@@ -203,27 +190,21 @@ def test_preprocessing_matches_the_flava_image_processor(model_dir, reference, h
         ref = image_processor(Image.fromarray(array), return_tensors="pt")["pixel_values"]
         assert ours.shape == ref.shape == (1, 3, 224, 224)
         # measured (normalised units) for both backends: mean |diff| 0.0038-0.0045, max |diff| 0.014-0.016,
-        # i.e. about one uint8 level (0.015): the processors round the resized image to uint8
-        assert (ours - ref).abs().mean() < 0.01
-        std = torch.tensor(reward.image_std).view(1, 3, 1, 1)
-        mean = torch.tensor(reward.image_mean).view(1, 3, 1, 1)
-        quantised = ((((ours * std + mean) * 255).round() / 255) - mean) / std
-        difference = (quantised - ref).abs()
-        # rounded to uint8 levels as well, 82-92% of the values are identical and the rest one level apart
-        assert (difference < 1e-4).float().mean() > 0.8
-        assert difference.max() < 0.016
+        # i.e. about one uint8 level (0.015): the processors round the resized image to uint8; rounded to uint8
+        # levels as well, 82-92% of the values are identical and the rest one level apart
+        helpers.assert_within_one_uint8_level(ours, ref, reward.image_mean, reward.image_std)
         with torch.no_grad():
             reference_score = reward.model.itm_head(
                 _multimodal(reward, ref, "How many cats are there in this image? 3")
             ).softmax(-1)[0, 1]
             question = {"questions": ["How many cats are there in this image?"], "answers": ["3"]}
-            our_score = reward(to_tensor([array]), ["x"], [question])
+            our_score = reward(helpers.to_tensor([array]), ["x"], [question])
         # measured |ITM probability diff| on the tiny model (init std 0.2, very sensitive to pixel changes):
         # 1.6e-4 .. 1.2e-3 (333x1000: 1.14e-3 torchvision / 1.19e-3 PIL backend; 512x768 noise: 6.8e-4 / 5.4e-4)
         assert (our_score - reference_score).abs().max() < 3e-3
 
 
-def test_preprocessing_follows_a_shortest_edge_processor_config(reference):
+def test_preprocessing_follows_a_shortest_edge_processor_config(reference, helpers):
     """Processor configs with ``shortest_edge`` resize the short side and center crop (floored offsets)."""
     from alignprop_reward_flava_vqa import FlavaVQAReward
 
@@ -232,9 +213,9 @@ def test_preprocessing_follows_a_shortest_edge_processor_config(reference):
     reward = FlavaVQAReward(model, FlavaProcessor(image_processor=image_processor, tokenizer=processor.tokenizer))
     # resized to 227x224 and 224x623: margins 3 and 399, where floor(margin / 2) != round(margin / 2)
     for height, width in ((203, 200), (200, 557)):
-        array = smooth_uint8(height, width, seed=height)
+        array = helpers.smooth_uint8(height, width, seed=height)
         ref = image_processor(Image.fromarray(array), return_tensors="pt")["pixel_values"]
-        ours = reward.preprocess(to_tensor([array]))
+        ours = reward.preprocess(helpers.to_tensor([array]))
         assert ours.shape == ref.shape == (1, 3, 224, 224)
         # measured mean |diff| 0.0036-0.0045, max 0.016 (one uint8 level); the crop shifted by one pixel (rounded
         # instead of floored offsets) gives 0.041 / 0.012
@@ -248,7 +229,7 @@ def _multimodal(reward, pixel_values, text):
     return out.multimodal_embeddings
 
 
-def test_text_states_are_cached(model_dir, monkeypatch):
+def test_text_states_are_cached(model_dir, monkeypatch, helpers):
     reward = build(model_dir)
     text_model = reward.model.flava.text_model
     calls = []
@@ -259,7 +240,7 @@ def test_text_states_are_cached(model_dir, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(text_model, "forward", spy)
-    images = to_tensor(uint8_images(3))
+    images = helpers.to_tensor(uint8_images(3))
     first = reward(images, PROMPTS, METADATA)
     assert calls == [4]  # 2 + 1 question texts + 1 prompt
     second = reward(images, PROMPTS, METADATA)
@@ -285,23 +266,6 @@ def test_clear_errors(model_dir, tmp_path):
         reward(torch.rand(1, 3, 224, 224), ["p"], [{"questions": ["a?", "b?"], "answers": ["x"]}])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("alignprop_core.trainer") is None, reason="alignprop_core.trainer is not written yet"
-)
-def test_two_step_training_run_with_flava_vqa(model_dir, tmp_path):
-    from alignprop_core import AlignPropConfig, AlignPropTrainer
-    from alignprop_core.tiny import build_tiny_pipeline
-
-    path = build_tiny_pipeline(tmp_path / "pipe")
-    config = AlignPropConfig(
-        pretrained_model=str(path),
-        rewards=[{"name": "flava_vqa", "weight": 1.0, "options": {"model": str(model_dir)}}],
-        num_epochs=2,
-        sample_num_steps=2,
-        train_batch_size=1,
-        eval_num_samples=0,
-        mixed_precision="no",
-        output_dir=str(tmp_path / "out"),
-    )
-    AlignPropTrainer(config).train()
-    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+def test_two_step_training_run_with_flava_vqa(model_dir, train_two_steps):
+    out = train_two_steps("flava_vqa", {"model": str(model_dir)})
+    assert (out / "pytorch_lora_weights.safetensors").is_file()

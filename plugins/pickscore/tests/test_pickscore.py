@@ -5,67 +5,18 @@ Run: cd /work/main && PYTHONPATH=/work/main .venv/bin/python -m pytest plugins/p
 
 from __future__ import annotations
 
-import importlib.util
-
-import numpy as np
 import pytest
 import torch
 
 PROMPTS = ["a photo of a cat", "an oil painting of a lighthouse at night",
            "a very long prompt " + "with many many words " * 12]  # > 77 tokens: must be truncated
-
-
-def _bytes_to_unicode() -> list[str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def _char_tokenizer():
-    from transformers import CLIPTokenizer
-
-    symbols = _bytes_to_unicode()
-    vocab = {s: i for i, s in enumerate(symbols)}
-    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, unk_token="<|endoftext|>",
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def _save_tiny_clip(model_dir, processor_dir, image_size=224, processor_kwargs=None, seed=0):
-    """A tiny transformers CLIPModel (PickScore's architecture) and, in its own folder like PickScore's
-    laion processor, a CLIPProcessor (character-level CLIP tokenizer + CLIPImageProcessor)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tokenizer = _char_tokenizer()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=32),
-        projection_dim=16,
-        logit_scale_init_value=4.6052,  # exp = 100, as in trained CLIP / PickScore
-    )
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(model_dir)
-    CLIPProcessor(image_processor=CLIPImageProcessor(**(processor_kwargs or {})), tokenizer=tokenizer
-                  ).save_pretrained(processor_dir)
-    return str(model_dir), str(processor_dir)
+LOGIT_SCALE = 4.6052  # exp = 100, as in trained CLIP / PickScore
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, helpers):
     root = tmp_path_factory.mktemp("pickscore")
-    model, processor = _save_tiny_clip(root / "model", root / "processor")
+    model, processor = helpers.save_tiny_clip(root / "model", root / "processor", logit_scale_init_value=LOGIT_SCALE)
     return {"model": model, "processor": processor, "root": root}
 
 
@@ -76,29 +27,7 @@ def reward(tiny):
     return plugins.build("reward", "pickscore", {"model": tiny["model"], "processor": tiny["processor"]})
 
 
-def _uint8_image(h, w, seed):
-    """Smooth random colour field plus fine noise (uint8 HWC), like a photo with texture."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
-    img = np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR)).astype(np.int16)
-    return np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
-
-
-def _to_tensor(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
-
-
-def _pil_processor(folder):
-    try:
-        from transformers import CLIPImageProcessorPil as Processor  # transformers >= 5
-    except ImportError:  # transformers 4.x: CLIPImageProcessor is the PIL implementation
-        from transformers import CLIPImageProcessor as Processor
-    return Processor.from_pretrained(folder)
-
-
-def _reference(tiny_model, tiny_processor, images, prompts, pil=True):
+def _reference(tiny_model, tiny_processor, images, prompts, helpers, pil=True):
     """Independent computation as in PickScore's README: CLIPModel forward on the processor's tokens and pixels,
     logits_per_image = exp(logit_scale) * image_embeds @ text_embeds.T (full matrix), pixels."""
     from PIL import Image
@@ -106,7 +35,7 @@ def _reference(tiny_model, tiny_processor, images, prompts, pil=True):
 
     model = CLIPModel.from_pretrained(tiny_model).eval()
     processor = AutoProcessor.from_pretrained(tiny_processor)  # transformers' default backend
-    image_processor = _pil_processor(tiny_processor) if pil else processor.image_processor
+    image_processor = helpers.pil_clip_processor(tiny_processor) if pil else processor.image_processor
     pixels = image_processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
     tokens = processor.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
@@ -124,12 +53,12 @@ def test_entry_point_registers_pickscore():
     assert registration.plugin == "pickscore"
 
 
-def test_score_is_the_diagonal_of_clipmodel_logits(tiny, reward):
+def test_score_is_the_diagonal_of_clipmodel_logits(tiny, reward, helpers):
     """224x224 images need no resize/crop: we must equal diag(logits_per_image) of CLIPModel's own forward."""
-    images = [_uint8_image(224, 224, seed) for seed in range(3)]
-    logits, _ = _reference(tiny["model"], tiny["processor"], images, PROMPTS)
+    images = [helpers.uint8_image(224, 224, seed) for seed in range(3)]
+    logits, _ = _reference(tiny["model"], tiny["processor"], images, PROMPTS, helpers)
     with torch.no_grad():
-        got = reward(torch.cat([_to_tensor(i) for i in images]), PROMPTS, [{}] * 3)
+        got = reward(helpers.to_tensor(images), PROMPTS, [{}] * 3)
     assert got.shape == (3,) and got.dtype == torch.float32
     torch.testing.assert_close(got, logits.diagonal(), atol=1e-4, rtol=1e-5)
     # the pairing matters: row 0 (every image against prompt 0) or column 0 would give other numbers
@@ -137,13 +66,13 @@ def test_score_is_the_diagonal_of_clipmodel_logits(tiny, reward):
     assert (logits.diagonal() - logits[0, :]).abs().max() > 1e-2
     # and scoring each pair alone gives the same as the batch
     with torch.no_grad():
-        alone = torch.cat([reward(_to_tensor(i), [p], [{}]) for i, p in zip(images, PROMPTS)])
+        alone = torch.cat([reward(helpers.to_tensor(i), [p], [{}]) for i, p in zip(images, PROMPTS)])
     torch.testing.assert_close(alone, got, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pil", [True, False], ids=["pil", "torchvision"])
 @pytest.mark.parametrize("shape", [(256, 256), (299, 224), (224, 301), (512, 512), (640, 1024), (1024, 1024)])
-def test_preprocessing_parity_with_clip_image_processor(tiny, reward, shape, pil):
+def test_preprocessing_parity_with_clip_image_processor(tiny, reward, shape, pil, helpers):
     """Tensor path vs transformers' CLIPImageProcessor (PIL backend = the reference PickScore was trained with;
     torchvision backend = transformers 5's default) on the same uint8 image.
 
@@ -155,33 +84,34 @@ def test_preprocessing_parity_with_clip_image_processor(tiny, reward, shape, pil
     pixel and 1.67 in score: caught here.
     """
     h, w = shape
-    img = _uint8_image(h, w, seed=h + w)
-    logits, ref_pixels = _reference(tiny["model"], tiny["processor"], [img], PROMPTS[:1], pil=pil)
-    pixels = reward.preprocess(_to_tensor(img))
+    img = helpers.uint8_image(h, w, seed=h + w)
+    logits, ref_pixels = _reference(tiny["model"], tiny["processor"], [img], PROMPTS[:1], helpers, pil=pil)
+    pixels = reward.preprocess(helpers.to_tensor(img))
     assert pixels.shape == ref_pixels.shape == (1, 3, 224, 224)
     diff = (pixels - ref_pixels).abs()
     assert diff.max() < 0.025 and diff.mean() < 0.006, (diff.max().item(), diff.mean().item())
     with torch.no_grad():
-        got = reward(_to_tensor(img), PROMPTS[:1], [{}])
+        got = reward(helpers.to_tensor(img), PROMPTS[:1], [{}])
     assert abs(got.item() - logits.item()) < 0.05, (got.item(), logits.item())
 
 
-def test_preprocessing_is_read_from_the_processor_folder(tmp_path):
+def test_preprocessing_is_read_from_the_processor_folder(tmp_path, helpers):
     """A processor that says shortest side 80, crop 64, other mean/std (with a 64-px vision tower)."""
     from alignprop_reward_pickscore import PickScoreReward
 
     processor = dict(size={"shortest_edge": 80}, crop_size={"height": 64, "width": 64},
                      image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
-    model_dir, processor_dir = _save_tiny_clip(tmp_path / "m", tmp_path / "p", image_size=64,
-                                               processor_kwargs=processor, seed=3)
+    model_dir, processor_dir = helpers.save_tiny_clip(tmp_path / "m", tmp_path / "p", image_size=64,
+                                                      processor_kwargs=processor, seed=3,
+                                                      logit_scale_init_value=LOGIT_SCALE)
     reward = PickScoreReward.from_options(model=model_dir, processor=processor_dir)
-    img = _uint8_image(130, 200, seed=7)
-    logits, ref_pixels = _reference(model_dir, processor_dir, [img], PROMPTS[:1])
-    pixels = reward.preprocess(_to_tensor(img))
+    img = helpers.uint8_image(130, 200, seed=7)
+    logits, ref_pixels = _reference(model_dir, processor_dir, [img], PROMPTS[:1], helpers)
+    pixels = reward.preprocess(helpers.to_tensor(img))
     assert pixels.shape == ref_pixels.shape == (1, 3, 64, 64)
     assert (pixels - ref_pixels).abs().max() < 0.025
     with torch.no_grad():
-        assert abs(reward(_to_tensor(img), PROMPTS[:1], [{}]).item() - logits.item()) < 0.05
+        assert abs(reward(helpers.to_tensor(img), PROMPTS[:1], [{}]).item() - logits.item()) < 0.05
 
 
 def test_gradient_reaches_images_and_reward_stays_frozen(reward):
@@ -262,17 +192,6 @@ def test_bad_inputs_are_clear_errors(reward):
         reward(torch.rand(1, 64, 64), ["one"], [{}])
 
 
-@pytest.mark.skipif(importlib.util.find_spec("alignprop_core.trainer") is None,
-                    reason="alignprop_core.trainer does not exist yet")
-def test_two_step_training_with_the_pickscore_reward(tiny, tmp_path):
-    from alignprop_core import AlignPropConfig, AlignPropTrainer
-    from alignprop_core.tiny import build_tiny_pipeline
-
-    path = build_tiny_pipeline(tmp_path / "pipe")
-    out = tmp_path / "out"
-    options = {"model": tiny["model"], "processor": tiny["processor"]}
-    AlignPropTrainer(AlignPropConfig(
-        pretrained_model=str(path), rewards=[{"name": "pickscore", "weight": 1.0, "options": options}],
-        num_epochs=2, sample_num_steps=2, train_batch_size=1, eval_num_samples=0, mixed_precision="no",
-        output_dir=str(out))).train()
+def test_two_step_training_with_the_pickscore_reward(tiny, train_two_steps):
+    out = train_two_steps("pickscore", {"model": tiny["model"], "processor": tiny["processor"]})
     assert (out / "pytorch_lora_weights.safetensors").is_file()

@@ -1,0 +1,148 @@
+"""Time and peak memory of one forward+backward of each reward plugin at full size w.r.t. a 1x3x512x512 image.
+
+The real architectures are built with random weights (nothing is downloaded) and wrapped in the plugins' own reward
+classes, frozen as when loaded. Each reward runs in a fresh subprocess, so that its peak RSS is its own. Run:
+
+    .venv/bin/python bench/reward_full_size.py --reward all|aesthetic|pickscore|hps|flava_vqa [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REWARDS = ("aesthetic", "pickscore", "hps", "flava_vqa")
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+COUNTING = {"questions": ["How many cats are there in this image?", "What animal is in this image?"],
+            "answers": ["3", "cat"]}  # ddpo-pytorch's `counting` prompt source
+
+
+def build_aesthetic(args):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
+    from alignprop_reward_aesthetic import AestheticMLP, AestheticReward
+
+    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    reward = AestheticReward(CLIPVisionModelWithProjection(config), AestheticMLP(), CLIP_PROCESSOR_CONFIG)
+    return reward, "CLIP ViT-L/14 image tower + LAION MLP", [PROMPT], [{}]
+
+
+def build_pickscore(args):
+    from transformers import CLIPConfig, CLIPModel
+
+    from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
+    from alignprop_core.tiny import tiny_clip_tokenizer  # no vocab file offline; only the text length matters
+    from alignprop_reward_pickscore import PickScoreReward
+
+    config = CLIPConfig(  # yuvalkirstain/PickScore_v1 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K's architecture
+        text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
+        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                           image_size=224, patch_size=14, hidden_act="gelu"),
+        projection_dim=1024,
+    )
+    reward = PickScoreReward(CLIPModel(config), tiny_clip_tokenizer(), CLIP_PROCESSOR_CONFIG)
+    return reward, "CLIPModel ViT-H/14, text + image towers", [PROMPT], [{}]
+
+
+def build_hps(args):
+    import open_clip
+
+    from alignprop_reward_hps import DEFAULT_ARCHITECTURE, HPSReward, _create_model
+
+    reward = HPSReward(_create_model(DEFAULT_ARCHITECTURE), open_clip.get_tokenizer(DEFAULT_ARCHITECTURE))
+    return reward, f"open_clip {DEFAULT_ARCHITECTURE}", [PROMPT], [{}]
+
+
+def build_flava_vqa(args):
+    from transformers import BertTokenizer, FlavaConfig, FlavaForPreTraining, FlavaImageProcessor, FlavaProcessor
+
+    from alignprop_reward_flava_vqa import FlavaVQAReward
+
+    with tempfile.TemporaryDirectory() as tmp:  # a placeholder vocab of bert-base-uncased's size (30522)
+        chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+        words = "how many cats are there in this image ? what animal is cat 3".split()
+        vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *chars,
+                                    *(f"##{c}" for c in chars)]))
+        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+        (Path(tmp) / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizer.from_pretrained(tmp)
+    processor = FlavaProcessor(image_processor=FlavaImageProcessor(size=224, crop_size=224), tokenizer=tokenizer)
+    reward = FlavaVQAReward(FlavaForPreTraining(FlavaConfig(init_codebook=False)), processor, score=args.flava_score)
+    return reward, f"FlavaForPreTraining (flava-full size, no codebook), score {args.flava_score}", ["3 cats"], [COUNTING]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def measure(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
+    base = rss_mib()
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    reward, what, prompts, metadata = globals()[f"build_{args.reward}"](args)
+    reward.to(args.device)
+    build_s = time.perf_counter() - start
+    assert not reward.training and not any(p.requires_grad for p in reward.parameters())
+    after_build = rss_mib()
+    images = torch.rand(1, 3, args.size, args.size, device=args.device, requires_grad=True)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2):  # the first call also encodes (and caches) the texts, where the reward has any
+        images.grad = None
+        start = time.perf_counter()
+        reward(images, prompts, metadata).sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    assert torch.isfinite(images.grad).all() and all(p.grad is None for p in reward.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    params = sum(p.numel() for p in reward.parameters()) / 1e6
+    print(f"{args.reward}: {what}, {params:.1f} M params, fp32, {args.device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; build (random init) {build_s:.1f} s")
+    print(f"  forward+backward 1x3x{args.size}x{args.size}: first call {times[0]:.2f} s, second {times[1]:.2f} s")
+    if cuda:
+        print(f"  peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    else:
+        print(f"  peak RSS {peak:.0f} MiB: built model {after_build - base:.0f} MiB over the imports, "
+              f"forward+backward +{peak - after_build:.0f} MiB over the built model")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reward", default="all", choices=(*REWARDS, "all"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--flava-score", default="itm", choices=("itm", "answer_likelihood"))
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # one reward, this process
+    args = parser.parse_args()
+    if args.in_process and args.reward != "all":
+        return measure(args)
+    failed = []
+    for name in REWARDS if args.reward == "all" else (args.reward,):
+        command = [sys.executable, __file__, "--in-process", "--reward", name, "--device", args.device,
+                   "--size", str(args.size), "--flava-score", args.flava_score]
+        if subprocess.run(command + (["--threads", str(args.threads)] if args.threads else [])).returncode:
+            failed.append(name)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+
+
+if __name__ == "__main__":
+    main()
