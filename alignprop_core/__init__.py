@@ -9,7 +9,7 @@ from alignprop_core.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 __all__ = ["AlignPropConfig", "AlignPropTrainer", "AlignPropError", "ConfigError", "PluginError", "PluginSpec",
-           "RewardSpec", "build_tiny_pipeline", "hookimpl", "__version__"]
+           "RewardSpec", "build_tiny_pipeline", "build_tiny_sdxl_pipeline", "hookimpl", "__version__"]
 
 
 def __getattr__(name: str):
@@ -17,8 +17,8 @@ def __getattr__(name: str):
         from alignprop_core.trainer import AlignPropTrainer
 
         return AlignPropTrainer
-    if name == "build_tiny_pipeline":
-        from alignprop_core.tiny import build_tiny_pipeline
+    if name in ("build_tiny_pipeline", "build_tiny_sdxl_pipeline"):
+        from alignprop_core import tiny
 
-        return build_tiny_pipeline
+        return getattr(tiny, name)
     raise AttributeError(f"module 'alignprop_core' has no attribute {name!r}")

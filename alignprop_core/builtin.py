@@ -21,4 +21,9 @@ def register_prompt_sources(register):
 
 @hookimpl
 def register_image_loggers(register):
-    register("folder", image_loggers.FolderLogger, "PNGs and a samples.jsonl under output_dir/images")
+    register("folder", image_loggers.FolderLogger,
+             "PNGs, samples.jsonl and an HTML gallery (index.html) under output_dir/images")
+    register("tensorboard", image_loggers.TensorBoardLogger,
+             "images, prompts and scores to TensorBoard (needs: pip install tensorboard)")
+    register("wandb", image_loggers.WandbLogger, "images with captions and a table to Weights & Biases "
+             "(needs: pip install wandb; mode: offline works without network)")

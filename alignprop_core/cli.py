@@ -60,13 +60,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     from alignprop_core.trainer import AlignPropTrainer
 
-    result = AlignPropTrainer(config).train()
+    trainer = AlignPropTrainer(config)
+    result = trainer.train()
     if result.eval_before and result.eval_after:
         before, after = result.eval_before["reward"], result.eval_after["reward"]
         print(f"fixed-seed eval reward ({config.eval_num_samples} samples): {before:.4f} -> {after:.4f} "
               f"({after - before:+.4f})")
     print(f"LoRA written to {result.lora_dir}/pytorch_lora_weights.safetensors; load it with "
-          f"StableDiffusionPipeline.load_lora_weights('{result.lora_dir}')")
+          f"{type(trainer.pipe).__name__}.load_lora_weights('{result.lora_dir}')")
     return 0
 
 
@@ -109,10 +110,91 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
-    from alignprop_core.tiny import build_tiny_pipeline
+    from alignprop_core.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
 
-    print(f"tiny SD-1.x pipeline written to {build_tiny_pipeline(args.path)}")
+    if args.sdxl:
+        print(f"tiny SDXL pipeline written to {build_tiny_sdxl_pipeline(args.path)}")
+    else:
+        print(f"tiny SD-1.x pipeline written to {build_tiny_pipeline(args.path)}")
     return 0
+
+
+_EVAL_ARGS = ("lora", "out", "prompts_file", "no_base", "batch_size", "prompt", "lora_scale", "num_per_prompt")
+
+
+def _resolve_config_ignoring(args: argparse.Namespace, names: Sequence[str] = _EVAL_ARGS) -> AlignPropConfig:
+    """``resolve_config`` for commands that add their own (non-config) arguments."""
+    return resolve_config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in names}))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    config = _resolve_config_ignoring(args)
+    from alignprop_core.evaluate import run_eval
+
+    run_eval(config, args.lora or [], out_dir=args.out, prompts_file=args.prompts_file, include_base=not args.no_base,
+             batch_size=args.batch_size)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    config = _resolve_config_ignoring(args)
+    from alignprop_core.evaluate import read_prompts_file, run_sample
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_prompts_file(args.prompts_file)[0]
+    run_sample(config, prompts, out_dir=args.out, lora=args.lora, lora_scale=args.lora_scale, seed=config.seed,
+               num_per_prompt=args.num_per_prompt, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from alignprop_core.mix import mix_loras
+
+    file = mix_loras(args.loras, args.weights, args.out)
+    print(f"mixed LoRA written to {file}; load it with StableDiffusionPipeline.load_lora_weights('{args.out}')")
+    return 0
+
+
+def _add_eval_parsers(sub: Any) -> None:
+    evaluate = sub.add_parser(
+        "eval", help="score the base model and LoRAs on fixed prompts and seeds",
+        description="Render the base model and each LoRA from the same fixed prompts and noise (eval_num_samples "
+        "prompts from the prompt source, seeded by eval_seed, or --prompts_file), score them with every configured "
+        "reward, print the table and write eval.json, eval.csv, grid.png and index.html into -o.")
+    evaluate.add_argument("--lora", nargs="+", metavar="DIR", help="LoRA folders to compare with the base model")
+    evaluate.add_argument("--prompts_file", metavar="FILE", help="evaluate these prompts (.txt lines or .jsonl) "
+                          "instead of drawing eval_num_samples from the prompt source")
+    evaluate.add_argument("--no_base", action="store_true", help="leave the base model out")
+    evaluate.add_argument("-o", "--out", default="alignprop-eval", metavar="DIR",
+                          help="output folder (default: alignprop-eval)")
+    evaluate.add_argument("--batch_size", type=int, metavar="N", help="images per batch (default: train_batch_size)")
+    _add_config_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+    sample = sub.add_parser(
+        "sample", help="generate images from the base model plus an optional LoRA",
+        description="Generate --num_per_prompt images per prompt (image j uses seed SEED + j, --seed sets SEED) "
+        "with the config's model and sampling settings, plus an optional LoRA; PNGs and samples.jsonl go to -o.")
+    sample.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    sample.add_argument("--prompts_file", metavar="FILE", help="more prompts: .txt (one per line) or .jsonl")
+    sample.add_argument("--lora", metavar="DIR", help="LoRA folder to apply (default: the base model alone)")
+    sample.add_argument("--lora_scale", type=float, default=1.0, metavar="S", help="LoRA strength (default: 1)")
+    sample.add_argument("--num_per_prompt", type=int, default=1, metavar="N", help="images per prompt (default: 1)")
+    sample.add_argument("-o", "--out", default="alignprop-samples", metavar="DIR",
+                        help="output folder (default: alignprop-samples)")
+    sample.add_argument("--batch_size", type=int, metavar="N", help="images per batch (default: train_batch_size)")
+    _add_config_arguments(sample)
+    sample.set_defaults(func=cmd_sample)
+    mix = sub.add_parser(
+        "mix", help="combine LoRAs into one (weighted LoRA soup)",
+        description="Write a diffusers-format LoRA whose weight change is sum_i w_i * delta_i of the given LoRAs "
+        "(exact: factors concatenated along the rank, each LoRA's alpha/rank honoured).")
+    mix.add_argument("loras", nargs="+", metavar="LORA_DIR", help="LoRA folders (pytorch_lora_weights.safetensors)")
+    mix.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per LoRA (default: equal, "
+                     "summing to 1); negative weights subtract")
+    mix.add_argument("-o", "--out", default="alignprop-mix", metavar="DIR", help="output folder (default: "
+                     "alignprop-mix)")
+    mix.set_defaults(func=cmd_mix)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,9 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_rewards)
     sub.add_parser("plugins", help="list installed rewards, prompt sources and image loggers").set_defaults(
         func=cmd_plugins)
-    tiny = sub.add_parser("tiny-pipeline", help="build the tiny random-weight SD-1.x pipeline into a folder")
+    tiny = sub.add_parser("tiny-pipeline", help="build a tiny random-weight SD-1.x (or --sdxl) pipeline in a folder")
     tiny.add_argument("path")
+    tiny.add_argument("--sdxl", action="store_true", help="build the tiny SDXL pipeline instead")
     tiny.set_defaults(func=cmd_tiny_pipeline)
+    _add_eval_parsers(sub)
     return parser
 
 

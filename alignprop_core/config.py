@@ -17,9 +17,10 @@ from typing import Any, Optional
 import yaml
 
 from alignprop_core.errors import ConfigError
+from alignprop_core.models import SCHEDULERS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-TRUNCATIONS = ("fixed", "uniform", "gaussian", "none")
+TRUNCATIONS = ("fixed", "uniform", "gaussian", "none", "draft_lv")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
 #: TRL's truncation fields, accepted in config files and translated (see ``_translate_trl_truncation``).
 TRL_TRUNCATION_FIELDS = ("truncated_backprop_rand", "truncated_backprop_timestep", "truncated_rand_backprop_minmax")
@@ -72,13 +73,16 @@ class AlignPropConfig:
     width: Optional[int] = _f(None, "image width in pixels, overrides resolution (multiple of the VAE factor)",
                               group="model")
     # --- sampling
-    sample_num_steps: int = _f(50, "DDIM denoising steps per sample (>= 1)", group="sampling")
-    sample_eta: float = _f(1.0, "DDIM eta in [0, 1] (0 = deterministic)", group="sampling")
+    sample_num_steps: int = _f(50, "denoising steps per sample (>= 1)", group="sampling")
+    scheduler: str = _f("ddim", "sampler, built from the model's scheduler config: " + ", ".join(SCHEDULERS),
+                        group="sampling")
+    sample_eta: float = _f(1.0, "DDIM eta in [0, 1] (0 = deterministic); used by scheduler=ddim only",
+                           group="sampling")
     sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance)",
                                       group="sampling")
     truncation: str = _f("uniform", "truncated backprop: fixed (last truncation_k steps), uniform (K ~ U[min, max]), "
-                         "gaussian (K ~ N(mean, std) clipped), none (all steps); K drawn once per batch",
-                         group="sampling")
+                         "gaussian (K ~ N(mean, std) clipped), none (all steps), draft_lv (K = 1 with draft_lv_n "
+                         "re-noised copies of the last step); K drawn once per batch", group="sampling")
     truncation_k: int = _f(1, "K for truncation=fixed: gradients flow through the last K steps, in [1, steps]",
                            group="sampling")
     truncation_min: int = _f(1, "smallest K for truncation=uniform, in [1, steps]", group="sampling")
@@ -87,6 +91,8 @@ class AlignPropConfig:
     truncation_mean: float = _f(8.0, "mean K for truncation=gaussian", group="sampling")
     truncation_std: float = _f(5.0, "std of K for truncation=gaussian (> 0); K is rounded and clipped to "
                                "[1, steps]", group="sampling")
+    draft_lv_n: int = _f(2, "truncation=draft_lv: re-noised copies of the last step whose reward gradients are "
+                         "averaged (>= 1)", group="sampling")
     gradient_checkpointing: bool = _f(True, "recompute each UNet call in backward instead of storing activations",
                                       group="sampling")
     # --- training
@@ -101,6 +107,8 @@ class AlignPropConfig:
     train_use_8bit_adam: bool = _f(False, "use bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)",
                                    group="training")
     train_max_grad_norm: float = _f(1.0, "clip the LoRA gradient norm to this value (> 0)", group="training")
+    max_nonfinite_steps: int = _f(5, "stop after this many optimizer steps in a row with NaN/inf rewards or loss "
+                                  "(each such step is skipped; the last good LoRA is kept)", group="training")
     mixed_precision: str = _f("fp16", "no, fp16 or bf16 (frozen weights in that dtype, LoRA in fp32; "
                               "falls back to 'no' on CPU)", group="training")
     allow_tf32: bool = _f(True, "allow TF32 matmuls on Ampere+ GPUs", group="training")
@@ -119,8 +127,8 @@ class AlignPropConfig:
     eval_num_samples: int = _f(4, "fixed-seed samples scored before and after training (0 = skip)",
                                group="output")
     eval_seed: int = _f(1234, "seed of the fixed evaluation samples and prompts", group="output")
-    image_loggers: list[PluginSpec] = _f(help="image loggers: list of names or {name, options}",
-                                         factory=list, group="output")
+    image_loggers: list[PluginSpec] = _f(help="image loggers (folder, tensorboard, wandb; see docs/evaluation.md): "
+                                         "list of names or {name, options}", factory=list, group="output")
     log_image_freq: int = _f(1, "call image loggers / the image hook every this many optimizer steps",
                              group="output")
     log_with: Optional[str] = _f(None, "accelerate tracker: tensorboard, wandb, ... (None = no tracker)",
@@ -185,6 +193,8 @@ class AlignPropConfig:
             return self.truncation_k, self.truncation_k
         if self.truncation == "none":
             return steps, steps
+        if self.truncation == "draft_lv":
+            return 1, 1
         if self.truncation == "uniform":
             return self.truncation_min, self.truncation_max if self.truncation_max is not None else steps
         return 1, steps
@@ -199,6 +209,8 @@ class AlignPropConfig:
         _require(0.0 <= self.sample_eta <= 1.0, "sample_eta", self.sample_eta, "a number in [0, 1]")
         _require(self.sample_guidance_scale >= 0, "sample_guidance_scale", self.sample_guidance_scale, ">= 0")
         _require(self.truncation in TRUNCATIONS, "truncation", self.truncation, "one of " + ", ".join(TRUNCATIONS))
+        _require(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, "one of " + ", ".join(SCHEDULERS))
+        _require(self.draft_lv_n >= 1, "draft_lv_n", self.draft_lv_n, "an integer >= 1")
         if self.truncation == "fixed":
             _require(1 <= self.truncation_k <= steps, "truncation_k", self.truncation_k,
                      f"an integer in [1, sample_num_steps={steps}]")
@@ -211,7 +223,7 @@ class AlignPropConfig:
         if self.truncation == "gaussian":
             _require(self.truncation_std > 0, "truncation_std", self.truncation_std, "a number > 0")
         for name in ("num_epochs", "train_batch_size", "train_gradient_accumulation_steps", "save_freq",
-                     "num_checkpoint_limit", "log_image_freq", "lora_rank"):
+                     "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         _require(self.eval_num_samples >= 0, "eval_num_samples", self.eval_num_samples, "an integer >= 0")
         for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "lora_alpha"):

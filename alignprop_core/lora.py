@@ -32,18 +32,24 @@ def unet_lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # diffusers renames only attention projections (to_q.lora_A -> to_q.lora.down); its loader converts the whole
+    # file only when the first key is not in peft format, so a LoRA that also targets other modules (proj_in, convs,
+    # ...) would silently load only in part. Use the diffusers names for every module.
+    return {k.replace(".lora_A.", ".lora.down.").replace(".lora_B.", ".lora.up."): v for k, v in state.items()}
 
 
-def save_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by ``StableDiffusionPipeline.load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, family: str = "sd") -> None:
+    """Write ``directory/pytorch_lora_weights.safetensors`` loadable by the family's pipeline class
+    (``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``) ``.load_lora_weights``."""
+    from alignprop_core.models import pipeline_class
 
     # The adapter config (rank, alpha, targets) goes into the safetensors metadata: without it diffusers would load
     # a LoRA trained with lora_alpha != lora_rank at the wrong scale.
-    StableDiffusionPipeline.save_lora_weights(save_directory=str(directory), unet_lora_layers=unet_lora_state_dict(unet),
-                                              unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-                                              safe_serialization=True)
+    pipeline_class(family).save_lora_weights(save_directory=str(directory),
+                                             unet_lora_layers=unet_lora_state_dict(unet),
+                                             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+                                             safe_serialization=True)
 
 
 def load_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:

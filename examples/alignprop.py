@@ -30,7 +30,8 @@ def prompt_fn():
 
 
 def image_outputs_logger(image_data, global_step, accelerate_logger):
-    """TRL's example hook, unchanged: logs the batch's images to the configured tracker (no-op without one)."""
+    """TRL's example hook, unchanged: logs the batch's images to the configured tracker (without one they are saved
+    as PNGs under output_dir/images/hook/)."""
     result = {}
     images, prompts, rewards = [image_data["images"], image_data["prompts"], image_data["rewards"]]
     for i, image in enumerate(images):

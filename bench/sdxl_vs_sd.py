@@ -1,0 +1,112 @@
+"""Tiny SDXL vs tiny SD-1.x: training step time and peak memory, same settings, side by side in one run.
+
+Both tiny pipelines (``alignprop_core.tiny``; default size 128 px) train with the same config through
+``AlignPropTrainer`` (saturation reward, fp32, gradient checkpointing on). Each (model, truncation) case runs in a
+fresh subprocess, so its peak memory is its own: on CPU the peak RSS growth over the process's RSS before the first
+step (``ru_maxrss``), on CUDA ``torch.cuda.max_memory_allocated`` over the steps. The first step is a warm-up; the
+reported time is the median ``step_time`` of the others, and with ``--repeats R`` the smallest of R such runs
+(the cases alternate between the models, so a busy machine hurts both alike). Run:
+
+    .venv/bin/python bench/sdxl_vs_sd.py [--steps 20] [--batch 2] [--epochs 4] [--repeats 2] [--cases k1,all,lv2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = {"k1": {"truncation": "fixed", "truncation_k": 1},
+         "all": {"truncation": "none"},
+         "lv2": {"truncation": "draft_lv", "draft_lv_n": 2}}
+LABELS = {"k1": "K=1", "all": "K=N (none)", "lv2": "DRaFT-LV n=2"}
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from alignprop_core import AlignPropConfig, AlignPropTrainer
+    from alignprop_core.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        build = build_tiny_sdxl_pipeline if args.model == "sdxl" else build_tiny_pipeline
+        path = build(Path(tmp) / "pipeline")
+        config = AlignPropConfig(pretrained_model=str(path), rewards="saturation", num_epochs=args.epochs,
+                                 sample_num_steps=args.steps, train_batch_size=args.batch, mixed_precision="no",
+                                 eval_num_samples=0, output_dir=str(Path(tmp) / "out"), save_freq=10**6,
+                                 scheduler=args.scheduler, **CASES[args.case])
+        trainer = AlignPropTrainer(config)
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_mib()
+        times = []
+        for _ in range(args.epochs):
+            times.append(trainer.train_step()["step_time"])
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
+        unet_params = sum(p.numel() for p in trainer.pipe.unet.parameters() if not p.requires_grad)
+        print(json.dumps({"model": args.model, "case": args.case, "step_s": statistics.median(times[1:] or times),
+                          "peak_mib": peak, "device": "cuda" if cuda else "cpu",
+                          "size": f"{trainer.width}x{trainer.height}", "unet_params_m": unet_params / 1e6}))
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps per sample (default 20)")
+    parser.add_argument("--batch", type=int, default=2, help="train_batch_size (default 2)")
+    parser.add_argument("--epochs", type=int, default=4, help="optimizer steps per case, first one warm-up (4)")
+    parser.add_argument("--scheduler", default="ddim")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per case, the fastest reported (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads per worker (default 1: steadier on a shared machine)")
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model:
+        worker(args)
+        return
+    rows = []
+    for case in args.cases.split(","):
+        runs: dict[str, list[dict]] = {"sd": [], "sdxl": []}
+        for _ in range(args.repeats):
+            for model in runs:
+                command = [sys.executable, __file__, "--model", model, "--case", case, "--steps", str(args.steps),
+                           "--batch", str(args.batch), "--epochs", str(args.epochs), "--scheduler", args.scheduler,
+                           "--threads", str(args.threads)]
+                out = subprocess.run(command, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{model}/{case} failed:\n{out.stderr[-3000:]}")
+                runs[model].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        for model, results in runs.items():
+            best = min(results, key=lambda r: r["step_s"])
+            rows.append({**best, "peak_mib": statistics.median(r["peak_mib"] for r in results)})
+    print(f"steps={args.steps} batch={args.batch} scheduler={args.scheduler} guidance=5 (CFG), "
+          f"gradient checkpointing on, fp32, device={rows[0]['device']}, image {rows[0]['size']}")
+    print("| case | model | UNet params (M) | step time (s) | peak memory over start (MiB) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        label = LABELS.get(row["case"], row["case"]).replace("N", str(args.steps))
+        print(f"| {label} | tiny-{row['model']} | {row['unet_params_m']:.2f} | {row['step_s']:.2f} | "
+              f"{row['peak_mib']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

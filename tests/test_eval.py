@@ -1,0 +1,155 @@
+"""alignprop eval / sample: fixed prompts and noise for every model, every reward scored, table + grid + gallery."""
+
+import csv
+import json
+from html.parser import HTMLParser
+
+import pytest
+import torch
+from PIL import Image
+
+from alignprop_core import AlignPropTrainer
+from alignprop_core.errors import ConfigError
+from alignprop_core.evaluate import run_eval, run_sample
+from alignprop_core.lora import LORA_WEIGHTS_NAME
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd_path, tmp_path_factory):
+    """A LoRA from a short run, plus an untrained (B = 0) LoRA that must leave the model unchanged."""
+    from alignprop_core import AlignPropConfig
+
+    root = tmp_path_factory.mktemp("eval")
+    config = AlignPropConfig(pretrained_model=str(tiny_sd_path), rewards=["saturation:1", "contrast:0.5"],
+                             num_epochs=2, sample_num_steps=3, train_batch_size=2, truncation="fixed", truncation_k=2,
+                             train_learning_rate=5e-2, mixed_precision="no", eval_num_samples=3, save_freq=100,
+                             output_dir=str(root / "tuned"))
+    result = AlignPropTrainer(config).train()
+    from diffusers import StableDiffusionPipeline
+
+    from alignprop_core.lora import add_lora, save_lora
+
+    unet = StableDiffusionPipeline.from_pretrained(tiny_sd_path, local_files_only=True).unet
+    add_lora(unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])  # gaussian init: B = 0, changes nothing
+    save_lora(unet, root / "zero")
+    return config, result, root / "zero", root
+
+
+class Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.sources.append(dict(attrs)["src"])
+
+
+def test_eval_scores_base_and_loras_on_the_same_prompts_and_noise(trained, capsys):
+    config, result, zero_dir, root = trained
+    out = root / "report"
+    report = run_eval(config, [result.lora_dir, zero_dir], out_dir=out)
+
+    # one row per model x reward (+ the weighted total, as there are two rewards)
+    assert [(r["model"], r["reward"]) for r in report.rows] == [
+        (m, r) for m in ("base", "tuned", "zero") for r in ("saturation", "contrast", "weighted_total")]
+    # the same prompts, seeds and sampler as the trainer's own fixed-seed eval: the numbers match the run's
+    means = {m: report.scores[m].means() for m in report.models}
+    assert means["tuned"] == pytest.approx(result.eval_after, abs=1e-4)
+    assert means["base"] == pytest.approx(result.eval_before, abs=1e-4)
+    # same noise per prompt for every model: a LoRA that changes nothing reproduces the base images exactly
+    assert torch.allclose(report.scores["zero"].images, report.scores["base"].images, atol=1e-5)
+    assert not torch.allclose(report.scores["tuned"].images, report.scores["base"].images, atol=1e-3)
+    zero_rows = [r for r in report.rows if r["model"] == "zero"]
+    assert all(abs(r["delta_vs_base"]) < 1e-5 and r["win_rate_vs_base"] == 0 for r in zero_rows)
+
+    printed = capsys.readouterr().out
+    assert "model  reward" in printed and "weighted_total" in printed and "delta_vs_base" in printed
+    with open(out / "eval.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9 and float(rows[3]["mean"]) == pytest.approx(report.rows[3]["mean"])
+    document = json.loads((out / "eval.json").read_text())
+    assert [m["name"] for m in document["models"]] == ["base", "tuned", "zero"]
+    assert len(document["samples"]) == 3 and document["samples"][0]["seed"] == report.samples.seeds[0]
+    assert document["samples"][0]["scores"]["tuned"]["saturation"] == pytest.approx(
+        report.scores["tuned"].components["saturation"][0].item())
+
+    # grid: a row per prompt, a column per model (128 px images, 220 px label column, 28 px header, 4 px gaps)
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (220 + 3 * 132 + 4, 28 + 3 * 132 + 4)
+    # the gallery shows every model's image of every prompt, and only files that exist
+    parser = Images()
+    parser.feed((out / "index.html").read_text())
+    assert len(parser.sources) == 9 and all((out / s).is_file() for s in parser.sources)
+    assert all(p in (out / "index.html").read_text() for p in report.samples.prompts)
+
+
+def test_eval_with_a_prompts_file_and_the_command_line(trained, tmp_path):
+    from alignprop_core.cli import main
+
+    config, result, _, _ = trained
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\na blue bird\n")
+    code = main(["eval", "--pretrained_model", config.pretrained_model, "--rewards", "saturation",
+                 "--sample_num_steps", "3", "--mixed_precision", "no", "--prompts_file", str(prompts),
+                 "--lora", str(result.lora_dir), "-o", str(tmp_path / "out"), "--batch_size", "1"])
+    assert code == 0
+    document = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert [s["prompt"] for s in document["samples"]] == ["a red fox", "a blue bird"]
+    assert [(r["model"], r["reward"]) for r in document["table"]] == [("base", "saturation"), ("tuned", "saturation")]
+
+
+def test_eval_errors_come_before_loading(trained, tmp_path, capsys, monkeypatch):
+    import alignprop_core.evaluate as evaluate
+    from alignprop_core.cli import main
+
+    config, _, _, _ = trained
+    monkeypatch.setattr(evaluate, "load_inference_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    assert main(["eval", "--pretrained_model", config.pretrained_model, "--lora", str(tmp_path / "nope")]) == 2
+    assert "error: LoRA folder '" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=f"has no {LORA_WEIGHTS_NAME}"):
+        run_eval(config, [tmp_path / "empty"], out_dir=tmp_path / "out")
+    with pytest.raises(ConfigError, match="eval_num_samples: got 0"):
+        run_eval(config.replace(eval_num_samples=0), [], out_dir=tmp_path / "out")
+    with pytest.raises(ConfigError, match="prompts file .* does not exist"):
+        run_eval(config, [], out_dir=tmp_path / "out", prompts_file=tmp_path / "missing.txt")
+
+
+def test_sample_writes_pngs_per_prompt_and_seed(trained, tmp_path):
+    config, result, _, _ = trained
+    files = run_sample(config, ["a cat", "a dog"], out_dir=tmp_path / "s", lora=result.lora_dir, seed=7,
+                       num_per_prompt=2)
+    assert [f.name for f in files] == ["000-a_cat-seed7.png", "000-a_cat-seed8.png", "001-a_dog-seed7.png",
+                                       "001-a_dog-seed8.png"]
+    records = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [("a cat", 7), ("a cat", 8), ("a dog", 7), ("a dog", 8)]
+    # image j uses seed + j: re-making one image alone (other batch size) gives it again, up to float rounding
+    again = run_sample(config, ["a cat"], out_dir=tmp_path / "again", lora=result.lora_dir, seed=8, batch_size=1)
+    assert pixel_difference(again[0], files[1]) <= 1
+    assert pixel_difference(again[0], files[0]) > 10  # another seed is another image
+    base = run_sample(config, ["a cat"], out_dir=tmp_path / "base", seed=8)
+    assert pixel_difference(base[0], files[1]) > 1  # the LoRA is applied
+    off = run_sample(config, ["a cat"], out_dir=tmp_path / "off", lora=result.lora_dir, lora_scale=0.0, seed=8)
+    assert pixel_difference(off[0], base[0]) <= 1  # ... at the strength asked for
+
+
+def test_sample_command_line(trained, tmp_path):
+    from alignprop_core.cli import main
+
+    config, result, _, _ = trained
+    prompts = tmp_path / "more.txt"
+    prompts.write_text("a bird\n")
+    code = main(["sample", "--pretrained_model", config.pretrained_model, "--sample_num_steps", "2",
+                 "--mixed_precision", "no", "--prompt", "a cat", "--prompt", "a dog", "--prompts_file", str(prompts),
+                 "--seed", "3", "--lora", str(result.lora_dir), "--lora_scale", "0.5", "-o", str(tmp_path / "out")])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "000-a_cat-seed3.png", "001-a_dog-seed3.png", "002-a_bird-seed3.png"]
+    assert main(["sample", "--pretrained_model", config.pretrained_model, "-o", str(tmp_path / "none")]) == 2
+
+
+def pixel_difference(a, b):
+    import numpy as np
+
+    return int(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max())

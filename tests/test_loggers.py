@@ -1,0 +1,301 @@
+"""Image loggers (folder gallery, tensorboard, wandb offline) and the TRL-style image hook with every tracker."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from alignprop_core import AlignPropTrainer, plugins
+from alignprop_core.errors import PluginError
+from alignprop_core.image_loggers import FolderLogger, ImageLogSink, as_pil_list
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def image_outputs_hook(image_data, global_step, accelerate_logger):
+    # TRL's documented example hook, verbatim: it must run unchanged with every tracker and with none.
+    result = {}
+    images, prompts, rewards = [image_data['images'], image_data['prompts'], image_data['rewards']]
+    for i, image in enumerate(images):
+        pil = Image.fromarray((image.cpu().numpy().transpose(1, 2, 0) * 255).astype(np.uint8))
+        pil = pil.resize((256, 256))
+        result[f"{prompts[i]:.25} | {rewards[i]:.2f}"] = [pil]
+    accelerate_logger.log_images(result, step=global_step)
+
+
+class ImageSources(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.sources, self.links = [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.sources.append(attrs["src"])
+        if tag == "a" and not attrs.get("href", "#").startswith("#"):
+            self.links.append(attrs["href"])
+
+
+def html_references(page: Path):
+    parser = ImageSources()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.sources, parser.links
+
+
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch):
+    """wandb without network or account: offline mode, every folder it writes under tmp."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()  # wandb reads its environment once per process setup: start a fresh one with this test's
+    root = tmp_path / "wandb-home"
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        (root / name).mkdir(parents=True)
+        monkeypatch.setenv(name, str(root / name))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    yield root / "WANDB_DIR"
+    wandb.teardown()
+
+
+def wandb_run_files(wandb_dir: Path) -> Path:
+    runs = sorted(glob.glob(str(wandb_dir / "**" / "offline-run-*"), recursive=True))
+    assert len(runs) == 1, runs
+    return Path(runs[0]) / "files"
+
+
+def tensorboard_events(log_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def decode(encoded: bytes) -> Image.Image:
+    import io
+
+    return Image.open(io.BytesIO(encoded))
+
+
+@pytest.fixture(scope="module")
+def logged_run(tiny_sd_path, tmp_path_factory):
+    """One 2-step training run with all three image loggers (wandb offline); the tests below read its outputs."""
+    from alignprop_core import AlignPropConfig
+
+    wandb = pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    root = tmp_path_factory.mktemp("logged-run")
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}.items():
+            env.setenv(name, value)
+        for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            (root / name).mkdir()
+            env.setenv(name, str(root / name))
+        wandb.teardown()
+        config = AlignPropConfig(
+            pretrained_model=str(tiny_sd_path), rewards=["saturation:1", "contrast:0.5"], num_epochs=2,
+            sample_num_steps=3, train_batch_size=2, truncation="fixed", truncation_k=1, mixed_precision="no",
+            eval_num_samples=0, output_dir=str(root / "out"), save_freq=100,
+            image_loggers=[{"name": "folder", "options": {"title": "demo run"}}, "tensorboard",
+                           {"name": "wandb", "options": {"project": "alignprop-test"}}])
+        trainer = AlignPropTrainer(config)
+        trainer.train()
+        wandb.teardown()
+    return trainer.output_dir, root / "WANDB_DIR"
+
+
+# ---------------------------------------------------------------------- folder gallery
+
+
+def test_folder_logger_writes_pngs_jsonl_and_a_gallery_of_existing_images(logged_run):
+    output_dir, _ = logged_run
+    root = output_dir / "images"
+    records = [json.loads(line) for line in (root / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 1, 2, 2]
+    assert set(records[0]["rewards"]) == {"saturation", "contrast"}
+    assert records[0]["reward"] == pytest.approx(records[0]["rewards"]["saturation"]
+                                                 + 0.5 * records[0]["rewards"]["contrast"], rel=1e-5)
+    steps = [json.loads(line) for line in (root / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2] and "contrast_mean" in steps[0]
+    for record in records:
+        assert Image.open(root / record["file"]).size == (128, 128)
+
+    page = root / "index.html"
+    sources, links = html_references(page)
+    assert sorted(sources) == sorted(r["file"] for r in records)  # every logged image, nothing else
+    assert all((root / s).is_file() for s in sources + links)
+    text = page.read_text()
+    assert "demo run" in text and "saturation" in text and "contrast" in text and "<script" not in text
+    for record in records:
+        assert record["prompt"] in text and f"{record['rewards']['saturation']:.4f}" in text
+    assert text.index('id="step-2"') < text.index('id="step-1"')  # newest first
+    assert "<svg" in text  # the reward curve over steps
+
+    # the gallery is rebuilt from what exists: a deleted image disappears from the page
+    (root / records[0]["file"]).unlink()
+    FolderLogger(str(output_dir)).write_gallery()
+    sources, _ = html_references(page)
+    assert records[0]["file"] not in sources and len(sources) == 3
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs /usr/bin/chromium (apt-get install chromium)")
+def test_gallery_renders_its_images_in_headless_chromium(tmp_path):
+    logger = FolderLogger(str(tmp_path))
+    generator = torch.Generator().manual_seed(0)
+    for step in (1, 2, 3):
+        logger({"images": torch.rand(2, 3, 64, 48, generator=generator), "prompts": ["a cat", "a <b>dog</b>"],
+                "prompt_metadata": [{}, {}], "rewards": torch.tensor([0.5, 0.25]) * step,
+                "reward_components": {"saturation": torch.tensor([0.5, 0.25]) * step}}, step)
+    page = tmp_path / "images" / "index.html"
+    # A copy with a probe script (the gallery itself has none) reports how many images actually decoded.
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace(' loading="lazy"', "").replace(
+        "</body>", "<script>window.addEventListener('load', () => { const i = [...document.images]; "
+        "document.title = 'loaded ' + i.filter(x => x.complete && x.naturalWidth > 0).length + '/' + i.length; "
+        "});</script></body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
+             "--virtual-time-budget=5000"]
+    result = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "<title>loaded 6/6</title>" in result.stdout, (result.stdout[:500], result.stderr[-2000:])
+    assert "a &lt;b&gt;dog&lt;/b&gt;" in result.stdout  # prompts are escaped, not interpreted
+    shot = tmp_path / "gallery.png"
+    subprocess.run(flags + [f"--screenshot={shot}", "--window-size=1200,900", page.as_uri()], capture_output=True,
+                   timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (900, 1200) and pixels.std() > 10  # a rendered page, not a blank one
+
+
+# ---------------------------------------------------------------------- tensorboard
+
+
+def test_tensorboard_logger_event_files_hold_the_images(logged_run):
+    output_dir, _ = logged_run
+    events = tensorboard_events(output_dir / "tensorboard")
+    assert {"samples/0", "samples/1"} <= set(events.Tags()["images"])
+    logged = events.Images("samples/1")
+    assert [e.step for e in logged] == [1, 2] and (logged[0].width, logged[0].height) == (128, 128)
+    # the event file holds the very pixels the folder logger saved for that step and index
+    saved = np.asarray(Image.open(output_dir / "images" / "step-000002" / "001.png").convert("RGB"))
+    assert np.abs(np.asarray(decode(logged[1].encoded_image_string).convert("RGB")).astype(int) - saved).max() <= 1
+    captions = events.Tensors("samples/captions/text_summary")
+    prompts = [json.loads(l)["prompt"] for l in (output_dir / "images" / "samples.jsonl").open()]
+    assert prompts[0] in captions[0].tensor_proto.string_val[0].decode()
+    assert [e.step for e in events.Scalars("samples/saturation_mean")] == [1, 2]
+
+
+def test_seed_hook_runs_verbatim_with_tensorboard_tracking(tiny_config):
+    pytest.importorskip("tensorboard")
+    config = tiny_config(num_epochs=1, sample_num_steps=2, log_with="tensorboard", image_loggers=["tensorboard"])
+    trainer = AlignPropTrainer(config, image_samples_hook=image_outputs_hook)
+    trainer.train()
+    events = tensorboard_events(trainer.output_dir / "alignprop")  # accelerate's run: project_dir/project name
+    hook_tags = [t for t in events.Tags()["images"] if not t.startswith("samples/")]
+    assert len(hook_tags) == 2, events.Tags()["images"]  # one per image, keyed by prompt and reward
+    for tag in hook_tags:
+        (event,) = events.Images(tag)
+        assert (event.width, event.height) == (256, 256) and event.step == 1
+        assert re.search(r" \| -?\d+\.\d\d$", tag), tag
+    # the image logger writes into the same run as the tracker, next to the training scalars
+    assert {"samples/0", "samples/1"} <= set(events.Tags()["images"])
+    assert "reward_mean" in events.Tags()["scalars"]
+
+
+# ---------------------------------------------------------------------- wandb (offline)
+
+
+def test_wandb_logger_offline_run_holds_images_and_table(logged_run):
+    output_dir, wandb_dir = logged_run
+    files = wandb_run_files(wandb_dir)
+    images = sorted((files / "media" / "images").glob("samples_*.png"))
+    assert len(images) == 4 and all(Image.open(p).size == (128, 128) for p in images)
+    tables = sorted((files / "media" / "table").glob("samples_table_*.table.json"))
+    assert len(tables) == 2
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["step", "image", "prompt", "reward", "saturation", "contrast"]
+    records = [json.loads(l) for l in (output_dir / "images" / "samples.jsonl").open()]
+    assert [row[2] for row in table["data"]] == [r["prompt"] for r in records if r["step"] == 2]
+    assert [row[4] for row in table["data"]] == pytest.approx([r["rewards"]["saturation"] for r in records
+                                                               if r["step"] == 2], rel=1e-5)
+
+
+def test_seed_hook_runs_verbatim_with_wandb_tracking(tiny_config, offline_wandb):
+    config = tiny_config(num_epochs=1, sample_num_steps=2, log_with="wandb", tracker_project_name="alignprop-test")
+    trainer = AlignPropTrainer(config, image_samples_hook=image_outputs_hook)
+    trainer.train()
+    images = sorted((wandb_run_files(offline_wandb) / "media" / "images").glob("*.png"))
+    assert len(images) == 2 and all(Image.open(p).size == (256, 256) for p in images)
+    assert all(" | " in p.name for p in images)  # keyed like the hook's f"{prompt:.25} | {reward:.2f}"
+
+
+# ---------------------------------------------------------------------- no tracker
+
+
+def test_seed_hook_runs_verbatim_without_a_tracker_and_keeps_the_images(tiny_config):
+    trainer = AlignPropTrainer(tiny_config(num_epochs=1, sample_num_steps=2), image_samples_hook=image_outputs_hook)
+    trainer.train()
+    hook_dir = trainer.output_dir / "images" / "hook"
+    index = [json.loads(line) for line in (hook_dir / "images.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in index] == [1, 1]
+    assert all(re.search(r" \| -?\d+\.\d\d$", r["key"]) for r in index)
+    assert all(Image.open(hook_dir / r["file"]).size == (256, 256) for r in index)
+
+
+def test_image_sink_accepts_what_hooks_pass(tmp_path):
+    class Accelerator:
+        trackers = []
+
+    sink = ImageLogSink(Accelerator(), tmp_path)
+    chw = torch.rand(3, 8, 6)
+    pils = as_pil_list([chw, chw.permute(1, 2, 0).numpy(), (chw * 255).byte(), Image.new("L", (6, 8)),
+                        torch.rand(2, 3, 8, 6)])
+    assert len(pils) == 6 and all(p.size == (6, 8) and p.mode == "RGB" for p in pils)
+    assert np.abs(np.asarray(pils[0]).astype(int) - np.asarray(pils[1]).astype(int)).max() == 0
+    with pytest.raises(PluginError, match="log_images got a str"):
+        as_pil_list("image.png")
+    sink.log_images({"grid/a b": [chw, chw], "one": chw}, step=3)
+    sink.log({"x": 1.0}, step=3)
+    assert len(list((tmp_path / "step-000003").glob("*.png"))) == 3
+    assert json.loads((tmp_path / "log.jsonl").read_text()) == {"step": 3, "x": 1.0}
+    assert sink.tracker is None and sink.get_tracker("tensorboard") is None
+    with pytest.raises(AttributeError, match="no tracker is configured: set log_with"):
+        sink.writer
+
+    class Custom:  # any accelerate tracker with log_images, e.g. comet_ml/aim: gets PIL lists, nothing saved
+        name, tracker, writer = "custom", "the-run", "the-writer"
+        received = {}
+
+        def log_images(self, values, step=None):
+            self.received.update(values)
+
+    Accelerator.trackers = [Custom()]
+    sink = ImageLogSink(Accelerator(), tmp_path / "unused")
+    sink.log_images({"k": chw}, step=1)
+    assert [p.size for p in Custom.received["k"]] == [(6, 8)] and not (tmp_path / "unused").exists()
+    # what TRL hooks used on trackers[0] still works
+    assert (sink.tracker, sink.writer, sink.name, sink.get_tracker("custom")) == ("the-run", "the-writer", "custom",
+                                                                                   "the-run")
+
+
+def test_missing_optional_packages_name_the_pip_command(tiny_config, monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("tensorboard", "wandb") else real(name, *a))
+    for name in ("tensorboard", "wandb"):
+        message = (rf"image logger '{name}' needs the '{name}' package, which is not installed: pip install {name} "
+                   rf"\(or pip install 'alignprop-core\[{name}\]'\)")
+        with pytest.raises(PluginError, match=message):
+            plugins.build("image logger", name, {}, output_dir=str(tmp_path))
+        with pytest.raises(PluginError, match=rf"log_with: {name} needs the '{name}' package.*pip install {name}"):
+            AlignPropTrainer(tiny_config(log_with=name))
