@@ -197,8 +197,15 @@ def _add_eval_parsers(sub: Any) -> None:
     mix.set_defaults(func=cmd_mix)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alignprop", description="Align text-to-image diffusion models with "
+    parser = _Parser(prog="alignprop", description="Align text-to-image diffusion models with "
                                      "differentiable rewards by reward backpropagation (AlignProp).")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a LoRA", description="Fine-tune UNet LoRA weights by "
