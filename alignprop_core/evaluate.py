@@ -134,22 +134,11 @@ def inference_setup(config: AlignPropConfig) -> tuple[torch.device, torch.dtype]
 def load_inference_pipeline(config: AlignPropConfig, device: torch.device, dtype: torch.dtype):
     """The config's pipeline set up as the trainer sets it up (its ``scheduler``, frozen, on ``device`` in ``dtype``;
     SDXL's VAE stays fp32 under fp16, as in its pipeline)."""
-    from alignprop_core.models import family_of, make_scheduler
+    from alignprop_core.models import prepare_pipeline
     from alignprop_core.trainer import load_pipeline, resolve_model_path
 
     pipe = load_pipeline(resolve_model_path(config.pretrained_model), config.pretrained_revision)
-    family = family_of(pipe)
-    pipe.scheduler = make_scheduler(config.scheduler, pipe.scheduler.config)
-    for module in (pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None), pipe.unet):
-        if module is None:
-            continue
-        module.requires_grad_(False)
-        keep_fp32 = (module is pipe.vae and family == "sdxl" and dtype == torch.float16
-                     and getattr(module.config, "force_upcast", False))
-        module.to(device)
-        if module.dtype != (torch.float32 if keep_fp32 else dtype):
-            module.to(dtype=torch.float32 if keep_fp32 else dtype)
-    pipe.set_progress_bar_config(disable=True)
+    prepare_pipeline(pipe, config.scheduler, device, dtype)
     return pipe
 
 

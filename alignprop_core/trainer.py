@@ -31,6 +31,7 @@ import torch
 from alignprop_core import plugins
 from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import AlignPropError, ConfigError, PluginError
+from alignprop_core.evaluate import image_size
 from alignprop_core.image_loggers import ImageLogSink, require_package
 from alignprop_core.lora import LORA_WEIGHTS_NAME, add_lora, load_lora, save_lora
 from alignprop_core.rewards import call_reward, freeze
@@ -184,7 +185,7 @@ class AlignPropTrainer:
         pipe = sd_pipeline if sd_pipeline is not None else load_pipeline(model_path, config.pretrained_revision)
         self.family = prepare_pipeline(pipe, config.scheduler, accelerator.device, self.weight_dtype)  # sd / sdxl
         self.pipe = pipe
-        self.height, self.width = self._image_size()
+        self.height, self.width = image_size(self.config, self.pipe)
         params = add_lora(pipe.unet, config.lora_rank, config.lora_alpha, config.lora_target_modules)
         self.trainable_params = params
         optimizer = self._make_optimizer(params)
@@ -477,16 +478,6 @@ class AlignPropTrainer:
         return optimizer_cls(params, lr=config.train_learning_rate, betas=(config.train_adam_beta1,
                              config.train_adam_beta2), weight_decay=config.train_adam_weight_decay,
                              eps=config.train_adam_epsilon)
-
-    def _image_size(self) -> tuple[int, int]:
-        config, factor = self.config, self.pipe.vae_scale_factor
-        default = self.pipe.unet.config.sample_size * factor
-        height = config.height or config.resolution or default
-        width = config.width or config.resolution or default
-        for name, value in (("height", height), ("width", width)):
-            if value % factor:
-                raise ConfigError(f"{name}: got {value}, allowed: a multiple of this model's VAE factor {factor}")
-        return height, width
 
     def _find_resume_dir(self) -> Optional[Path]:
         resume = self.config.resume_from

@@ -168,8 +168,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd_path
                              "2"], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     (tmp_path / "single").mkdir()
-    subprocess.run([sys.executable, script, str(tiny_sd_path), str(tmp_path / "out-single"), str(tmp_path / "single"),
-                    "4"], check=True, capture_output=True, env=env, timeout=600)
+    result = subprocess.run([sys.executable, script, str(tiny_sd_path), str(tmp_path / "out-single"),
+                             str(tmp_path / "single"), "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
     rank0, rank1 = (json.loads((tmp_path / "multi" / f"rank{r}.json").read_text()) for r in (0, 1))
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     assert rank0["world"] == 2 and single["world"] == 1
