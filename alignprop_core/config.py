@@ -124,6 +124,8 @@ class AlignPropConfig:
     num_checkpoint_limit: int = _f(5, "keep at most this many checkpoints (oldest pruned)", group="output")
     resume_from: str = _f("", "resume from a checkpoint folder, or 'latest' in output_dir/checkpoints",
                           group="output")
+    overwrite_output_dir: bool = _f(False, "start afresh in an output_dir that holds an earlier run, deleting its "
+                                    "checkpoints (off: such a run is refused, so no work is lost)", group="output")
     eval_num_samples: int = _f(4, "fixed-seed samples scored before and after training (0 = skip)",
                                group="output")
     eval_seed: int = _f(1234, "seed of the fixed evaluation samples and prompts", group="output")

@@ -214,6 +214,9 @@ class AlignPropTrainer:
         config, accelerator = self.config, self.accelerator
         result = TrainingResult(self.state.global_step, self.output_dir)
         if accelerator.is_main_process:
+            if self.resume_dir is None and config.overwrite_output_dir:  # explicitly asked to replace a run
+                shutil.rmtree(self.output_dir / CHECKPOINTS_DIR, ignore_errors=True)
+                (self.output_dir / METRICS_NAME).unlink(missing_ok=True)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             for stale in (self.output_dir / CHECKPOINTS_DIR).glob(".*-checkpoint-*"):
                 shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while saving or pruning
@@ -501,9 +504,10 @@ class AlignPropTrainer:
     def _check_output_dir(self) -> None:
         """Refuse to mix with an earlier run's checkpoints, and check the folder can be written, without
         creating anything (it is created when training starts)."""
-        if self.resume_dir is None and list_checkpoints(self.output_dir):
+        if self.resume_dir is None and list_checkpoints(self.output_dir) and not self.config.overwrite_output_dir:
             raise ConfigError(f"output_dir: '{self.output_dir}' already has checkpoints from an earlier run; pass "
-                              "resume_from=latest to continue it or choose a new output_dir")
+                              "resume_from=latest to continue it, overwrite_output_dir=true to replace it, or "
+                              "choose a new output_dir")
         existing = self.output_dir.absolute()
         while not existing.exists():
             existing = existing.parent

@@ -63,6 +63,10 @@ def test_tiny_demo_trains_end_to_end(tmp_path):
     assert "fixed-seed eval reward (2 samples):" in result.stdout
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
     assert (tmp_path / "cache" / "tiny-sd-v1" / "model_index.json").is_file()
+    again = alignprop("train", "--preset", "tiny", "--num_epochs", "2", "--eval_num_samples", "0",
+                      "--output_dir", str(tmp_path / "out"), env={"ALIGNPROP_CACHE": str(tmp_path / "cache")})
+    assert again.returncode == 0, again.stderr[-2000:]  # the demo can be re-run as written
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 @pytest.mark.slow
