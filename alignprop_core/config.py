@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from alignprop_core.errors import ConfigError
+from alignprop_core.errors import ConfigError, first_line
 from alignprop_core.models import SCHEDULERS
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -289,7 +289,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         else:
             data = yaml.safe_load(text)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise ConfigError(f"config file '{path}' is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: "
                           f"{first}") from exc
     if data is None:

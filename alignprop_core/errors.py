@@ -1,6 +1,12 @@
 """The one exception type users see: a single line that names the problem and the fix."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none), for one-line error reports."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class AlignPropError(Exception):
     """Bad input or environment. The CLI prints ``error: <message>`` and exits with status 2."""
 

@@ -10,6 +10,34 @@ from alignprop_core.errors import PluginError
 
 RewardFn = Callable[[torch.Tensor, list, list], Any]
 
+#: dtype names reward plugins accept in their ``dtype`` option.
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | None, reward_name: str) -> torch.dtype:
+    """A reward's ``dtype`` option as a torch dtype (default float32), or a one-line error naming the reward."""
+    if dtype is None:
+        return torch.float32
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise PluginError(f"{reward_name}: unknown dtype '{dtype}'; use float32, float16 or bfloat16")
+    return DTYPES[key]
+
+
+def looks_like_path(value: str) -> bool:
+    """True for things only a local path can be: hub ids are ``owner/name`` (or a bare ``name``)."""
+    return (
+        value.startswith(("/", ".", "~"))
+        or "\\" in value
+        or value.count("/") > 1
+        or value.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json"))
+    )
+
+
 
 class Saturation(torch.nn.Module):
     """Mean HSV saturation ``(max_c - min_c) / (max_c + eps)`` over pixels, in [0, 1]. Needs no weights."""

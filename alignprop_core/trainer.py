@@ -30,7 +30,7 @@ import torch
 
 from alignprop_core import plugins
 from alignprop_core.config import AlignPropConfig
-from alignprop_core.errors import AlignPropError, ConfigError, PluginError
+from alignprop_core.errors import AlignPropError, ConfigError, PluginError, first_line
 from alignprop_core.evaluate import image_size
 from alignprop_core.image_loggers import ImageLogSink, require_package
 from alignprop_core.lora import LORA_WEIGHTS_NAME, add_lora, load_lora, save_lora
@@ -202,7 +202,7 @@ class AlignPropTrainer:
                 accelerator.load_state(str(self.resume_dir))
                 self.state.load(self.resume_dir)
             except Exception as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                first = (first_line(exc) or type(exc).__name__)[:200]
                 raise ConfigError(f"resume_from: checkpoint '{self.resume_dir}' is damaged and cannot be loaded "
                                   f"({type(exc).__name__}: {first}); pick an older folder under "
                                   f"{CHECKPOINTS_DIR}/") from None
@@ -591,7 +591,7 @@ def load_pipeline(model: str, revision: str = "main"):
             return pipeline_class(family).from_pretrained(model, local_files_only=True, **kwargs)
         return pipeline_class(family).from_pretrained(model, revision=revision, **kwargs)
     except (OSError, ValueError, EnvironmentError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = (first_line(exc) or type(exc).__name__)
         raise AlignPropError(f"could not load pipeline '{model}' ({first[:200]}); without network, download it "
                              "elsewhere and pass the local folder as pretrained_model") from None
 

@@ -14,20 +14,16 @@ from typing import Any
 
 import torch
 
-from alignprop_core.errors import AlignPropError
+from alignprop_core.errors import AlignPropError, first_line
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
+from alignprop_core.rewards import looks_like_path, parse_dtype
 
 REWARD_NAME = "aesthetic"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_PREDICTOR_REPO = "trl-lib/ddpo-aesthetic-predictor"
 DEFAULT_PREDICTOR_FILE = "aesthetic-model.pth"
 _MLP_KEYS = tuple(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 
 
 # ----------------------------------------------------------------------------------------------- model parts
@@ -103,7 +99,7 @@ class AestheticReward(torch.nn.Module):
             ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth`` from the hub.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for the CLIP tower (the MLP stays float32).
         """
-        torch_dtype = _parse_dtype(dtype)
+        torch_dtype = parse_dtype(dtype, REWARD_NAME)
         vision_model, embed_dim = _load_clip_image_tower(clip_model, torch_dtype)
         mlp = AestheticMLP.from_state_dict(*_load_predictor_state(predictor))
         in_dim = mlp.layers[0].in_features
@@ -144,25 +140,6 @@ def register_rewards(register):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _parse_dtype(dtype: str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in _DTYPES:
-        raise AlignPropError(f"aesthetic: unknown dtype '{dtype}'; use float32, float16 or bfloat16")
-    return _DTYPES[key]
-
-
-def _looks_like_path(value: str) -> bool:
-    """True for things only a local path can be: hub ids are ``owner/name`` (or a bare ``name``)."""
-    return (
-        value.startswith(("/", ".", "~"))
-        or "\\" in value
-        or value.count("/") > 1
-        or value.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json"))
-    )
-
-
 def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
     """The CLIP vision tower + visual projection from a CLIPModel (or vision-only) checkpoint; text weights skipped."""
     from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -181,7 +158,7 @@ def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
                 f"aesthetic: clip_model '{source}' is a file; set options.clip_model to the folder that holds "
                 "config.json and the model weights (or a hub id)"
             )
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise AlignPropError(
             f"aesthetic: clip_model folder '{source}' does not exist; set options.clip_model to a local copy of "
             f"{DEFAULT_CLIP_MODEL} (config.json + weights) or to a hub id"
@@ -204,7 +181,7 @@ def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
     except Exception as exc:
         where = "local folder" if os.path.isdir(source) else "hub id"
         raise AlignPropError(
-            f"aesthetic: could not load CLIP {where} '{source}' ({type(exc).__name__}: {_first_line(exc)}); "
+            f"aesthetic: could not load CLIP {where} '{source}' ({type(exc).__name__}: {first_line(exc)}); "
             f"set options.clip_model to a local folder with a copy of {DEFAULT_CLIP_MODEL}"
         ) from exc
     return model, int(vision_config.projection_dim)
@@ -219,7 +196,7 @@ def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor
         except Exception as exc:
             raise AlignPropError(
                 f"aesthetic: could not get {DEFAULT_PREDICTOR_FILE} from hub repo {DEFAULT_PREDICTOR_REPO} "
-                f"({type(exc).__name__}: {_first_line(exc)}); download it (or LAION's sac+logos+ava1-l14-linearMSE.pth) "
+                f"({type(exc).__name__}: {first_line(exc)}); download it (or LAION's sac+logos+ava1-l14-linearMSE.pth) "
                 "and set options.predictor to its local path"
             ) from exc
     else:
@@ -239,7 +216,7 @@ def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AlignPropError(
-            f"aesthetic: could not read predictor '{path}' ({type(exc).__name__}: {_first_line(exc)}); "
+            f"aesthetic: could not read predictor '{path}' ({type(exc).__name__}: {first_line(exc)}); "
             "set options.predictor to a .pth or .safetensors state dict of the LAION aesthetic predictor"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -248,7 +225,3 @@ def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor
         raise AlignPropError(f"aesthetic: predictor '{path}' holds a {type(state).__name__}, not a state dict")
     return state, path
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

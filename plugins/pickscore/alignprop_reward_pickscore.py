@@ -14,20 +14,16 @@ from typing import Any
 
 import torch
 
-from alignprop_core.errors import AlignPropError
+from alignprop_core.errors import AlignPropError, first_line
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
+from alignprop_core.rewards import looks_like_path, parse_dtype
 
 REWARD_NAME = "pickscore"
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 TEXT_MAX_LENGTH = 77
 TEXT_CACHE_SIZE = 8192  # prompts kept (oldest dropped first); one embedding is 1024 floats for PickScore
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
 
 
 class PickScoreReward(torch.nn.Module):
@@ -68,7 +64,7 @@ class PickScoreReward(torch.nn.Module):
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        torch_dtype = _parse_dtype(dtype)
+        torch_dtype = parse_dtype(dtype, REWARD_NAME)
         clip = _load(lambda path: CLIPModel.from_pretrained(path, dtype=torch_dtype), model, "model", DEFAULT_MODEL,
                      "config.json + model weights", "CLIPModel")
         tokenizer = _load(AutoTokenizer.from_pretrained, processor, "processor", DEFAULT_PROCESSOR,
@@ -128,15 +124,6 @@ def register_rewards(register):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _parse_dtype(dtype: str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    key = str(dtype).replace("torch.", "").lower()
-    if key not in _DTYPES:
-        raise AlignPropError(f"pickscore: unknown dtype '{dtype}'; use float32, float16 or bfloat16")
-    return _DTYPES[key]
-
-
 def _features(out: Any) -> torch.Tensor:
     """transformers <5 returns the projected embedding; 5.x an output object with it in ``pooler_output``."""
     if isinstance(out, torch.Tensor):
@@ -146,16 +133,6 @@ def _features(out: Any) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     return out[0]
-
-
-def _looks_like_path(value: str) -> bool:
-    """True for things only a local path can be: hub ids are ``owner/name`` (or a bare ``name``)."""
-    return (
-        value.startswith(("/", ".", "~"))
-        or "\\" in value
-        or value.count("/") > 1
-        or value.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json"))
-    )
 
 
 def _load(loader: Any, source: str, option: str, default: str, files: str, what: str) -> Any:
@@ -168,7 +145,7 @@ def _load(loader: Any, source: str, option: str, default: str, files: str, what:
             f"(a local copy of {default}) or a hub id"
         )
     if not os.path.exists(path):
-        if _looks_like_path(source):
+        if looks_like_path(source):
             raise AlignPropError(
                 f"pickscore: {option} folder '{source}' does not exist; set options.{option} to a local copy of "
                 f"{default} ({files}) or to a hub id"
@@ -179,14 +156,10 @@ def _load(loader: Any, source: str, option: str, default: str, files: str, what:
     except Exception as exc:
         where = "local folder" if os.path.isdir(path) else "hub id"
         raise AlignPropError(
-            f"pickscore: could not load {what} {where} '{source}' ({type(exc).__name__}: {_first_line(exc)}); "
+            f"pickscore: could not load {what} {where} '{source}' ({type(exc).__name__}: {first_line(exc)}); "
             f"set options.{option} to a local folder with a copy of {default}"
         ) from exc
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _check_inputs(images: Any, prompts: Any) -> None:
