@@ -1,0 +1,282 @@
+"""Benchmarks, alignprop side by side with TRL 0.23.1 (AlignPropTrainer, DDPOTrainer); writes bench/results/.
+
+    bash bench/setup.sh                         # once: matplotlib, and the TRL peer in bench/.peer-venv
+    .venv/bin/python bench/run.py               # everything, about 20 min on 2 CPU cores
+    .venv/bin/python bench/run.py --quick       # a smaller set, under 5 min
+    .venv/bin/python bench/run.py --device cuda # full-size SD 1.5 architecture, 512 px, batch 1, on a GPU
+
+Benchmarks (``--only`` picks some):
+    vs_trl             time per optimizer step and peak memory, ours / TRL AlignPropTrainer, K=1 and K=all
+    memory_vs_k        our peak memory for K = 1..50, gradient checkpointing on and off
+    sample_efficiency  eval reward vs images generated, ours vs TRL DDPOTrainer, one common evaluator
+
+Every case runs in a fresh process (so its peak memory is its own), both sides load the same pipeline folder and
+call the same reward (bench/common.py) with the same prompts, seed, batch, steps, guidance, eta and LoRA rank. On CPU
+memory is peak RSS (whole process); on CUDA ``max_memory_allocated``. Time is the median over the steps after the
+first (warm-up). Results: bench/results/<benchmark>[-quick|-cuda].json, a PNG plot each, and summary[-...].md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+
+TARGETS = {"time_ratio": 0.7, "peak_ratio": 0.8, "k50_over_k1": 1.3}
+
+PLANS = {
+    "full": {
+        "vs_trl": {"cases": [("tiny16", "saturation"), ("tiny32", "saturation"), ("tiny16", "clip")],
+                   "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 4},
+        "memory_vs_k": {"pipeline": "tiny32", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 2,
+                        "epochs": 2},
+        "sample_efficiency": {"pipeline": "tiny16", "steps": 10, "ddpo_epochs": 64, "ddpo_save_every": 4,
+                              "ddpo_lrs": [1e-2],
+                              "ours_lr": 1e-2, "ours_batch": 4, "ours_save_at": [4, 8, 12, 16, 24, 32, 48, 64],
+                              "eval_samples": 16},
+    },
+    "quick": {
+        "vs_trl": {"cases": [("tiny16", "saturation")], "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 3},
+        "memory_vs_k": {"pipeline": "tiny16", "ks": [1, 10, 50], "ckpt": [1], "steps": 50, "batch": 2, "epochs": 1},
+        "sample_efficiency": {"pipeline": "tiny16", "steps": 10, "ddpo_epochs": 4, "ddpo_lrs": [1e-2],
+                              "ours_lr": 1e-2, "ours_batch": 4, "ours_save_at": [4, 8, 16], "eval_samples": 8},
+    },
+    # seconds-long runs of the machinery for tests/test_bench.py; its figures mean nothing
+    "smoke": {
+        "vs_trl": {"cases": [("tiny16", "saturation")], "ks": ["1", "all"], "steps": 3, "batch": 1, "epochs": 2},
+        "memory_vs_k": {"pipeline": "tiny16", "ks": [1, 3], "ckpt": [1, 0], "steps": 3, "batch": 1, "epochs": 1},
+        "sample_efficiency": {"pipeline": "tiny16", "steps": 3, "ddpo_epochs": 1, "ddpo_lrs": [1e-2], "ours_lr": 1e-2,
+                              "ours_batch": 2, "ours_save_at": [2, 4], "eval_samples": 2},
+    },
+    "cuda": {
+        "vs_trl": {"cases": [("sd15", "saturation"), ("sd15", "clip")], "ks": ["1", "all"], "steps": 50,
+                   "batch": 1, "epochs": 4},
+        "memory_vs_k": {"pipeline": "sd15", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 1,
+                        "epochs": 2},
+        "sample_efficiency": {"pipeline": "tiny16", "steps": 10, "ddpo_epochs": 64, "ddpo_save_every": 4,
+                              "ddpo_lrs": [1e-2],
+                              "ours_lr": 1e-2, "ours_batch": 4, "ours_save_at": [4, 8, 12, 16, 24, 32, 48, 64],
+                              "eval_samples": 16},
+    },
+}
+
+
+class Runner:
+    def __init__(self, args: argparse.Namespace, work: Path):
+        self.args, self.work = args, work
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        if args.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
+
+    def pipeline(self, kind: str) -> Path:
+        from pipelines import build
+
+        return build(kind, self.work)
+
+    def _run(self, cmd: list[str], label: str) -> dict:
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=ROOT)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["no output"]
+            print(f"  {label}: FAILED ({tail[0][:200]})", flush=True)
+            return {"error": tail[0][:500], "returncode": proc.returncode}
+        record = json.loads(lines[-1])
+        record["wall_s"] = time.perf_counter() - start
+        return record
+
+    def ours(self, *argv: str, label: str = "alignprop") -> dict:
+        return self._run([sys.executable, str(BENCH / "ours.py"), *argv, "--device", self.args.device], label)
+
+    def trl(self, *argv: str, label: str = "trl") -> dict:
+        if not Path(self.args.peer).exists():  # only --smoke gets here without the peer
+            return {"error": f"the TRL peer is not installed ({self.args.peer})"}
+        return self._run([self.args.peer, str(BENCH / "peer_trl.py"), *argv, "--device", self.args.device], label)
+
+
+def _brief(record: dict) -> str:
+    if "error" in record:
+        return "failed"
+    return f"{record['step_s']:.2f} s/step, peak {record['peak_mib']:.0f} MiB"
+
+
+def _ratio(a: dict, b: dict, key: str):
+    return a[key] / b[key] if key in a and key in b and b[key] else None
+
+
+def bench_vs_trl(runner: Runner, plan: dict) -> dict:
+    cases = []
+    for kind, reward in plan["cases"]:
+        path = str(runner.pipeline(kind))
+        for k in plan["ks"]:
+            common = ["alignprop", "--pipeline", path, "--reward", reward, "--k", k, "--steps", str(plan["steps"]),
+                      "--batch", str(plan["batch"]), "--epochs", str(plan["epochs"])]
+            ours = runner.ours(*common)
+            trl = runner.trl(*common)
+            case = {"pipeline": kind, "reward": reward, "k": k, "ours": ours, "trl": trl,
+                    "time_ratio": _ratio(ours, trl, "step_s"), "peak_ratio": _ratio(ours, trl, "peak_mib"),
+                    "train_peak_ratio": _ratio(ours, trl, "train_peak_mib")}
+            cases.append(case)
+            print(f"  {kind} {reward} K={k}: ours {_brief(ours)} | trl {_brief(trl)} | time ratio "
+                  f"{_fmt(case['time_ratio'])}, peak ratio {_fmt(case['peak_ratio'])}", flush=True)
+    return {"plan": plan, "cases": cases}
+
+
+def bench_memory_vs_k(runner: Runner, plan: dict) -> dict:
+    path = str(runner.pipeline(plan["pipeline"]))
+    rows = []
+    for ckpt in plan["ckpt"]:
+        for k in plan["ks"]:
+            record = runner.ours("alignprop", "--pipeline", path, "--k", str(k), "--ckpt", str(ckpt),
+                                 "--steps", str(plan["steps"]), "--batch", str(plan["batch"]),
+                                 "--epochs", str(plan["epochs"]))
+            rows.append({**record, "k": k, "ckpt": bool(ckpt)})
+            print(f"  K={k} checkpointing {'on' if ckpt else 'off'}: {_brief(record)}", flush=True)
+    out = {"plan": plan, "rows": rows}
+    for ckpt in (True, False):
+        peaks = {r["k"]: r["peak_mib"] for r in rows if r["ckpt"] == ckpt and "peak_mib" in r}
+        if 1 in peaks and max(plan["ks"]) in peaks:
+            out[f"k{max(plan['ks'])}_over_k1_{'ckpt' if ckpt else 'no_ckpt'}"] = peaks[max(plan["ks"])] / peaks[1]
+    return out
+
+
+def bench_sample_efficiency(runner: Runner, plan: dict) -> dict:
+    """DDPO runs once per learning rate in the plan (its best curve is the one compared); alignprop once, at its
+    learning rate. Every saved LoRA is scored by the same evaluator (bench/ours.py evaluate)."""
+    path = str(runner.pipeline(plan["pipeline"]))
+    steps = str(plan["steps"])
+    ddpo_runs = {}
+    for lr in plan["ddpo_lrs"]:
+        ddpo_runs[lr] = runner.trl("ddpo", "--pipeline", path, "--steps", steps, "--epochs", str(plan["ddpo_epochs"]),
+                                   "--lr", str(lr), "--save-every", str(plan.get("ddpo_save_every", 1)),
+                                   "--out", str(runner.work / f"ddpo-lr{lr}"), label=f"ddpo lr={lr}")
+        print(f"  DDPO lr={lr}: {len(ddpo_runs[lr].get('checkpoints', []))} checkpoints, "
+              f"{ddpo_runs[lr].get('wall_s', 0):.0f} s", flush=True)
+    ours = runner.ours("train", "--pipeline", path, "--steps", steps, "--k", "uniform", "--lr", str(plan["ours_lr"]),
+                       "--batch", str(plan["ours_batch"]), "--save-at", ",".join(map(str, plan["ours_save_at"])),
+                       "--out", str(runner.work / "ours-loras"))
+    print(f"  alignprop lr={plan['ours_lr']}: {len(ours.get('checkpoints', []))} checkpoints, "
+          f"{ours.get('wall_s', 0):.0f} s", flush=True)
+    runs = {**{f"ddpo lr={lr}": run for lr, run in ddpo_runs.items()}, "alignprop": ours}
+    loras = [c["lora"] for run in runs.values() for c in run.get("checkpoints", [])]
+    scores = runner.ours("evaluate", "--pipeline", path, "--steps", steps, "--loras", json.dumps(loras),
+                         "--eval-samples", str(plan["eval_samples"]), label="evaluate").get("scores", {})
+    base = scores.get("base")
+    curves = {name: [{"images": 0, "reward": base}] + [{"images": c["images"], "reward": scores.get(c["lora"])}
+                                                         for c in run.get("checkpoints", [])]
+              for name, run in runs.items()}
+
+    def best_of(name: str):
+        points = [p for p in curves[name][1:] if p["reward"] is not None]
+        return max(points, key=lambda p: p["reward"]) if points else None
+
+    ddpo_names = [name for name in curves if name.startswith("ddpo") and best_of(name)]
+    out = {"plan": plan, "curves": curves, "runs": {name: _strip(run) for name, run in runs.items()},
+           "eval_base": base}
+    if ddpo_names:
+        best_name = max(ddpo_names, key=lambda name: best_of(name)["reward"])
+        best = best_of(best_name)
+        curves["ddpo"] = curves[best_name]
+        reached = next((p for p in curves["alignprop"][1:] if p["reward"] is not None
+                        and p["reward"] >= best["reward"]), None)
+        out.update({"ddpo_best_run": best_name, "ddpo_best_reward": best["reward"],
+                    "ddpo_images_to_best": best["images"],
+                    "alignprop_images_to_ddpo_best": reached["images"] if reached else None,
+                    "sample_ratio": best["images"] / reached["images"] if reached else None})
+        print(f"  DDPO's best ({best_name}) {best['reward']:.4f} (base {base:.4f}) after {best['images']} images; "
+              f"alignprop reaches it after "
+              f"{reached['images'] if reached else 'more than ' + str(plan['ours_save_at'][-1])} images", flush=True)
+    return out
+
+
+def _strip(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("checkpoints",)}
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=ROOT).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+BENCHMARKS = {"vs_trl": bench_vs_trl, "memory_vs_k": bench_memory_vs_k, "sample_efficiency": bench_sample_efficiency}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smaller set, under 5 minutes on 2 CPU cores")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: full-size SD 1.5 architecture at 512 px, batch 1")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--peer", default=str(BENCH / ".peer-venv" / "bin" / "python"),
+                        help="python of the TRL 0.23.1 virtualenv (bench/setup.sh makes it)")
+    parser.add_argument("--results", default=str(BENCH / "results"))
+    parser.add_argument("--work", default="", help="folder for pipelines and LoRAs (default: a temporary one)")
+    args = parser.parse_args()
+    only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in only if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"--only: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    if any(name != "memory_vs_k" for name in only) and not Path(args.peer).exists() and not args.smoke:
+        parser.error(f"--peer: {args.peer} does not exist; run 'bash bench/setup.sh' first")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no GPU on this machine; leave --device out to run on the CPU")
+    plan_name = "smoke" if args.smoke else "cuda" if args.device == "cuda" else "quick" if args.quick else "full"
+    suffix = "" if plan_name == "full" else f"-{plan_name}"
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    from plots import PLOTS, write_summary
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        runner = Runner(args, work)
+        start = time.perf_counter()
+        for name in only:
+            print(f"{name} ({plan_name})", flush=True)
+            t0 = time.perf_counter()
+            data = BENCHMARKS[name](runner, PLANS[plan_name][name])
+            data.update({"benchmark": name, "plan_name": plan_name, "device": args.device, "machine": machine(),
+                         "targets": TARGETS, "elapsed_s": time.perf_counter() - t0})
+            path = results / f"{name}{suffix}.json"
+            path.write_text(json.dumps(data, indent=1) + "\n")
+            png = PLOTS[name](data, results / f"{name}{suffix}.png")
+            print(f"  wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+                  f"{' and ' + png.name if png else ''} ({data['elapsed_s']:.0f} s)", flush=True)
+        summary = write_summary(results, suffix)
+        print(f"total {time.perf_counter() - start:.0f} s; summary: {summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The benchmark scripts (bench/) keep working: their machinery on seconds-long runs, not their figures.
+
+The TRL peer (bench/.peer-venv) is not installed in CI, so only alignprop's side runs here; the peer's side is
+exercised by `bench/run.py` itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def test_sd15_configs_are_the_published_architecture():
+    """The GPU mode's random-init SD 1.5 has the published parameter counts (built on the meta device: no memory)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from pipelines import _config
+    finally:
+        sys.path.remove(str(BENCH))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_config("unet"))
+        vae = AutoencoderKL(**_config("vae"))
+        text = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
+
+    def millions(model):
+        return round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+
+    assert (millions(unet), millions(vae), millions(text)) == (859.5, 83.7, 123.1)
+    assert unet.config.sample_size * 8 == vae.config.sample_size == 512
+
+
+@pytest.mark.slow
+def test_run_smoke_writes_results_plots_and_summary(tmp_path):
+    """`bench/run.py --smoke` (3 sampling steps) runs memory_vs_k and alignprop's side of sample_efficiency end to
+    end: fresh worker processes, LoRAs saved and scored by the common evaluator, JSON + PNG + summary written."""
+    results = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--only", "memory_vs_k,sample_efficiency",
+                           "--results", str(results), "--work", str(tmp_path / "work"),
+                           "--peer", str(tmp_path / "no-peer")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    memory = json.loads((results / "memory_vs_k-smoke.json").read_text())
+    rows = {(r["k"], r["ckpt"]): r for r in memory["rows"]}
+    assert set(rows) == {(1, True), (3, True), (1, False), (3, False)}
+    assert all(r["peak_mib"] > r["setup_mib"] > 0 and r["step_s"] > 0 for r in rows.values())
+    assert rows[(3, True)]["k_drawn"] == [3] and rows[(1, False)]["k_drawn"] == [1]
+    efficiency = json.loads((results / "sample_efficiency-smoke.json").read_text())
+    ours = efficiency["curves"]["alignprop"]
+    assert [p["images"] for p in ours] == [0, 2, 4]
+    assert all(isinstance(p["reward"], float) for p in ours)
+    assert ours[0]["reward"] != ours[-1]["reward"]  # the LoRA was trained, saved, loaded and changes the samples
+    assert "error" in efficiency["runs"]["ddpo lr=0.01"]  # no peer here: reported, not faked
+    for name in ("memory_vs_k-smoke.png", "sample_efficiency-smoke.png", "summary-smoke.md"):
+        assert (results / name).stat().st_size > 0
+    summary = (results / "summary-smoke.md").read_text()
+    assert "Peak memory vs truncation depth" in summary and "| alignprop |" in summary
+
+
+def test_run_refuses_a_missing_peer_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--only", "vs_trl", "--peer",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "bash bench/setup.sh" in proc.stderr.strip().splitlines()[-1]
