@@ -38,7 +38,7 @@ def run_alignprop(args: argparse.Namespace) -> None:
         reward = REWARDS[args.reward]().to(device)  # as TRL's aesthetic_scorer: moved to the device, not frozen
         config = AlignPropConfig(
             seed=args.seed, num_epochs=args.epochs, sample_num_steps=args.steps, sample_guidance_scale=5.0,
-            sample_eta=1.0, train_batch_size=args.batch, train_learning_rate=1e-3,
+            sample_eta=1.0, train_batch_size=args.batch, train_learning_rate=args.lr,
             mixed_precision="fp16" if device == "cuda" else "no", save_freq=10**9, log_with=None,
             truncated_backprop_rand=False,
             # TRL detaches the UNet output of loop step i when i < truncated_backprop_timestep
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="optimizer steps (alignprop) / epochs (ddpo)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--ddpo-sample-batch", type=int, default=8)
     parser.add_argument("--ddpo-batches-per-epoch", type=int, default=2)
     parser.add_argument("--ddpo-train-batch", type=int, default=4)
