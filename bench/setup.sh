@@ -14,13 +14,6 @@ PIP=("$PEER/bin/python" -m pip install --quiet --disable-pip-version-check -c .c
 [ -x "$PEER/bin/python" ] || "$PYTHON" -m venv "$PEER"
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" "trl[diffusers]==0.23.1" peft
-# The same CPU torchvision import hook as scripts/install.sh, where an installed PyPI torchvision cannot load.
-if "$PEER/bin/python" -c "import importlib.util as u; raise SystemExit(u.find_spec('torchvision') is None)" \
-        && ! "$PEER/bin/python" -c "import torchvision" >/dev/null 2>&1; then
-    site=$("$PEER/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    cp scripts/torchvision_cpu_fix.py "$site/_alignprop_torchvision_cpu_fix.py"
-    echo "import _alignprop_torchvision_cpu_fix; _alignprop_torchvision_cpu_fix.install()" \
-        > "$site/_alignprop_torchvision_cpu_fix.pth"
-fi
+bash scripts/install_torchvision_cpu_hook.sh "$PEER/bin/python"  # the same CPU workaround as scripts/install.sh
 "$PEER/bin/python" -c "import trl, diffusers, torch; print('peer ready: trl', trl.__version__, 'diffusers', \
 diffusers.__version__, 'torch', torch.__version__)"

@@ -14,15 +14,6 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c .ci/
 "${PIP[@]}" -e ".[test]" \
     -e plugins/aesthetic -e plugins/hps -e plugins/pickscore -e plugins/flava-vqa -e plugins/example-reward
 
-# Test/CI machines without a GPU: the PyPI torchvision wheel is a CUDA build whose compiled ops fail to load on
-# CPU torch, which breaks `import transformers`. Only there, install an import hook (scripts/torchvision_cpu_fix.py)
-# that declares the missing op schemas. It is an environment workaround, not part of alignprop.
-if ! .venv/bin/python -c "import torchvision" >/dev/null 2>&1; then
-    site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    cp scripts/torchvision_cpu_fix.py "$site/_alignprop_torchvision_cpu_fix.py"
-    echo "import _alignprop_torchvision_cpu_fix; _alignprop_torchvision_cpu_fix.install()" \
-        > "$site/_alignprop_torchvision_cpu_fix.pth"
-    .venv/bin/python -c "import torchvision, transformers" || { echo "torchvision still fails to import" >&2; exit 1; }
-    echo "installed the CPU torchvision import hook (see scripts/torchvision_cpu_fix.py)"
-fi
+# Test/CI machines without a GPU: a CPU import hook for the CUDA-built PyPI torchvision, only where it is needed.
+bash scripts/install_torchvision_cpu_hook.sh .venv/bin/python
 echo "alignprop installed in .venv: $(.venv/bin/alignprop rewards | tail -n +2 | cut -d' ' -f1 | tr '\n' ' ')"
