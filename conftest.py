@@ -19,6 +19,29 @@ def tiny_sd_path(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "pipeline")
 
 
+@pytest.fixture(scope="session")
+def make_lora_pipe(tiny_sd_path):
+    """Builds a fresh tiny SD pipeline with frozen weights and a rank-4 LoRA whose factors are all non-zero (so every
+    factor gets a gradient); the LoRA parameters are on ``pipe.lora_params``."""
+    def make():
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        from alignprop_core.lora import add_lora
+
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+        torch.manual_seed(0)
+        pipe.lora_params = add_lora(pipe.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
+        for p in pipe.lora_params:
+            torch.nn.init.normal_(p, std=0.02)
+        return pipe
+
+    return make
+
+
 @pytest.fixture
 def tiny_config(tiny_sd_path, tmp_path):
     """A fast config on the tiny pipeline: 4 denoising steps, batch 2, built-in saturation reward."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -113,10 +114,8 @@ class Meter:
         return out
 
     def result(self, warmup: int = 1) -> dict[str, Any]:
-        timed = self.times[warmup:] or self.times
-        median = sorted(timed)[len(timed) // 2] if len(timed) % 2 else \
-            sum(sorted(timed)[len(timed) // 2 - 1:len(timed) // 2 + 1]) / 2
-        out = {"step_s": median, "step_times_s": self.times, "setup_mib": self.base_mib}
+        out = {"step_s": statistics.median(self.times[warmup:] or self.times), "step_times_s": self.times,
+               "setup_mib": self.base_mib}
         if self.cuda:
             out["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             out["memory"] = "cuda max_memory_allocated"

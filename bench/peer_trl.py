@@ -29,7 +29,6 @@ def _pipeline(path: str):
 
 
 def run_alignprop(args: argparse.Namespace) -> None:
-    import torch
     from trl import AlignPropConfig, AlignPropTrainer
 
     device = "cuda" if args.device == "cuda" else "cpu"

@@ -22,6 +22,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _label(case: dict) -> str:
     return f"{case['pipeline']}\n{case['reward']}\nK={case['k']}"
 
@@ -44,10 +51,7 @@ def plot_vs_trl(data: dict, path: Path) -> Optional[Path]:
     ax.set_ylim(0, max(1.5, top + 0.5))  # headroom for the legend
     ax.set_title(f"alignprop vs TRL 0.23.1 AlignPropTrainer ({data['device']})")
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_memory_vs_k(data: dict, path: Path) -> Optional[Path]:
@@ -66,10 +70,7 @@ def plot_memory_vs_k(data: dict, path: Path) -> Optional[Path]:
     ax.set_title(f"Memory vs truncation depth ({data['plan']['pipeline']}, {data['device']})")
     ax.set_ylim(bottom=0)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_sample_efficiency(data: dict, path: Path) -> Optional[Path]:
@@ -89,10 +90,7 @@ def plot_sample_efficiency(data: dict, path: Path) -> Optional[Path]:
     ax.set_ylabel("eval reward (saturation, fixed seeds)")
     ax.set_title(f"Sample efficiency ({data['plan']['pipeline']}, {data['plan']['steps']} steps)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 PLOTS = {"vs_trl": plot_vs_trl, "memory_vs_k": plot_memory_vs_k, "sample_efficiency": plot_sample_efficiency}

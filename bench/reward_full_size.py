@@ -9,12 +9,14 @@ classes, frozen as when loaded. Each reward runs in a fresh subprocess, so that 
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib, rss_mib  # noqa: E402
 
 REWARDS = ("aesthetic", "pickscore", "hps", "flava_vqa")
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -79,11 +81,6 @@ def build_flava_vqa(args):
     return reward, f"FlavaForPreTraining (flava-full size, no codebook), score {args.flava_score}", ["3 cats"], [COUNTING]
 
 
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def measure(args) -> None:
     import torch
 
@@ -111,7 +108,7 @@ def measure(args) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     assert torch.isfinite(images.grad).all() and all(p.grad is None for p in reward.parameters())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     params = sum(p.numel() for p in reward.parameters()) / 1e6
     print(f"{args.reward}: {what}, {params:.1f} M params, fp32, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; build (random init) {build_s:.1f} s")

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import peak_rss_mib, rss_mib  # noqa: E402
 
 CASES = {"k1": {"truncation": "fixed", "truncation_k": 1},
          "all": {"truncation": "none"},
@@ -47,24 +49,15 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            base = _rss_mib()
+            base = rss_mib()
         times = []
         for _ in range(args.epochs):
             times.append(trainer.train_step()["step_time"])
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else _peak_rss_mib() - base
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else peak_rss_mib() - base
         unet_params = sum(p.numel() for p in trainer.pipe.unet.parameters() if not p.requires_grad)
         print(json.dumps({"model": args.model, "case": args.case, "step_s": statistics.median(times[1:] or times),
                           "peak_mib": peak, "device": "cuda" if cuda else "cpu",
                           "size": f"{trainer.width}x{trainer.height}", "unet_params_m": unet_params / 1e6}))
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:

@@ -9,23 +9,15 @@ import pytest
 import torch
 
 from alignprop_core import AlignPropConfig
-from alignprop_core.lora import add_lora
 from alignprop_core.sampler import draw_truncation_k, encode_prompts, sample_images
 
 
 @pytest.fixture
-def pipe(tiny_sd_path):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def pipe(make_lora_pipe):
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, local_files_only=True)
+    pipe = make_lora_pipe()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    torch.manual_seed(0)
-    params = add_lora(pipe.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    for p in params:  # non-zero B so that every LoRA factor gets a gradient
-        torch.nn.init.normal_(p, std=0.02)
-    pipe.lora_params = params
     return pipe
 
 

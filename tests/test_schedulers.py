@@ -5,7 +5,6 @@ import torch
 
 from alignprop_core import AlignPropConfig, AlignPropTrainer
 from alignprop_core.errors import ConfigError
-from alignprop_core.lora import add_lora
 from alignprop_core.models import SCHEDULERS, make_scheduler
 from alignprop_core.sampler import encode_prompts, sample_images
 
@@ -14,19 +13,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_sd_path):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-    torch.manual_seed(0)
-    params = add_lora(pipe.unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])
-    for p in params:  # non-zero B so that every LoRA factor gets a gradient
-        torch.nn.init.normal_(p, std=0.02)
-    pipe.lora_params = params
-    return pipe
+def pipe(make_lora_pipe):
+    return make_lora_pipe()
 
 
 def use(pipe, name):

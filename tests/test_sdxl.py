@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from alignprop_core import AlignPropConfig, AlignPropTrainer
+from alignprop_core import AlignPropTrainer
 from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.lora import LORA_WEIGHTS_NAME, add_lora
 from alignprop_core.models import family_of, prepare_pipeline
@@ -22,13 +22,10 @@ def tiny_sdxl_path(tmp_path_factory):
 
 
 @pytest.fixture
-def sdxl_config(tiny_sdxl_path, tmp_path):
+def sdxl_config(tiny_sdxl_path, tiny_config):
+    """conftest's fast tiny_config, on the tiny SDXL pipeline."""
     def make(**overrides):
-        values = dict(pretrained_model=str(tiny_sdxl_path), rewards="saturation", num_epochs=2, sample_num_steps=4,
-                      train_batch_size=2, truncation="fixed", truncation_k=2, mixed_precision="no",
-                      eval_num_samples=0, output_dir=str(tmp_path / "out"), save_freq=100)
-        values.update(overrides)
-        return AlignPropConfig(**values)
+        return tiny_config(**{"pretrained_model": str(tiny_sdxl_path), **overrides})
 
     return make
 
