@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,13 +18,26 @@ from typing import Any, Optional
 import yaml
 
 from alignprop_core.errors import ConfigError, first_line
-from alignprop_core.models import SCHEDULERS
+from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, default_output_dir
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRUNCATIONS = ("fixed", "uniform", "gaussian", "none", "draft_lv")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
-#: TRL's truncation fields, accepted in config files and translated (see ``_translate_trl_truncation``).
+#: TRL's truncation fields: real fields, translated onto ``truncation*`` (see ``_apply_trl_truncation``).
 TRL_TRUNCATION_FIELDS = ("truncated_backprop_rand", "truncated_backprop_timestep", "truncated_rand_backprop_minmax")
+#: Section of the CLI help and the docs' field table, by the first field of each section (in declaration order).
+GROUP_STARTS = {"pretrained_model": "model", "sample_num_steps": "sampling", "num_epochs": "training",
+                "output_dir": "output"}
+#: Fields that TRL's example scripts declare in their own ``ScriptArguments``: hidden from HfArgumentParser, which
+#: would otherwise register ``--pretrained_model`` twice (see ``_hide_from_hf_argparser``).
+HF_ARGPARSER_HIDDEN = ("pretrained_model", "pretrained_revision", "use_lora")
+#: ProjectConfiguration keys TRL scripts pass in ``project_kwargs`` and what alignprop does with each.
+PROJECT_KWARGS = ("project_dir", "logging_dir", "total_limit", "automatic_checkpoint_naming", "save_on_each_node")
+#: Accelerator arguments that config fields set; giving them in ``accelerator_kwargs`` too is an error.
+ACCELERATOR_ARGS_FROM_FIELDS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps":
+                                "train_gradient_accumulation_steps", "log_with": "log_with",
+                                "project_config": "project_kwargs", "project_dir": "output_dir"}
+MAX_SEED = 2**32 - 1  # numpy's global seed (accelerate.set_seed seeds it) must be below 2**32
 
 
 @dataclass
@@ -43,11 +57,11 @@ class PluginSpec:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING, group: str = ""):
-    meta = {"help": help, "group": group}
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING):
+    # Only "help" goes into the metadata: HfArgumentParser passes every metadata key to argparse's add_argument.
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -56,94 +70,100 @@ class AlignPropConfig:
 
     # --- model and data
     pretrained_model: str = _f(
-        "runwayml/stable-diffusion-v1-5",
-        "diffusers pipeline: a hub id or a local folder ('alignprop:tiny-sd' = tiny random-weight offline model)",
-        group="model")
-    pretrained_revision: str = _f("main", "hub revision of pretrained_model", group="model")
+        DEFAULT_MODEL,
+        "diffusers pipeline: a hub id or a local folder ('alignprop:tiny-sd' / 'alignprop:tiny-sdxl' = tiny "
+        "random-weight offline models)")
+    pretrained_revision: str = _f("main", "hub revision of pretrained_model")
     rewards: list[RewardSpec] = _f(
         help="rewards to maximise, weighted sum: list of {name, weight, options}, or 'name:weight,name2:weight2'",
-        factory=lambda: [RewardSpec("aesthetic", 1.0)], group="model")
+        factory=lambda: [RewardSpec("aesthetic", 1.0)])
     prompts: PluginSpec = _f(help="prompt source: {name, options} or a name (simple_animals, imagenet_animals, "
                              "nouns_activities, counting, from_file)",
-                             factory=lambda: PluginSpec("simple_animals"), group="model")
-    negative_prompts: Optional[str] = _f(None, "negative prompt used for classifier-free guidance", group="model")
-    resolution: Optional[int] = _f(None, "square image size in pixels (default: the model's own)", group="model")
-    height: Optional[int] = _f(None, "image height in pixels, overrides resolution (multiple of the VAE factor)",
-                               group="model")
-    width: Optional[int] = _f(None, "image width in pixels, overrides resolution (multiple of the VAE factor)",
-                              group="model")
+                             factory=lambda: PluginSpec("simple_animals"))
+    negative_prompts: Optional[str] = _f(None, "negative prompt used for classifier-free guidance")
+    resolution: Optional[int] = _f(None, "square image size in pixels (default: the model's own)")
+    height: Optional[int] = _f(None, "image height in pixels, overrides resolution (multiple of the VAE factor)")
+    width: Optional[int] = _f(None, "image width in pixels, overrides resolution (multiple of the VAE factor)")
     # --- sampling
-    sample_num_steps: int = _f(50, "denoising steps per sample (>= 1)", group="sampling")
-    scheduler: str = _f("ddim", "sampler, built from the model's scheduler config: " + ", ".join(SCHEDULERS),
-                        group="sampling")
-    sample_eta: float = _f(1.0, "DDIM eta in [0, 1] (0 = deterministic); used by scheduler=ddim only",
-                           group="sampling")
-    sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance)",
-                                      group="sampling")
+    sample_num_steps: int = _f(50, "denoising steps per sample (>= 1)")
+    scheduler: str = _f("ddim", "sampler, built from the model's scheduler config: " + ", ".join(SCHEDULERS))
+    sample_eta: float = _f(1.0, "DDIM eta in [0, 1] (0 = deterministic); used by scheduler=ddim only")
+    sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance)")
     truncation: str = _f("uniform", "truncated backprop: fixed (last truncation_k steps), uniform (K ~ U[min, max]), "
                          "gaussian (K ~ N(mean, std) clipped), none (all steps), draft_lv (K = 1 with draft_lv_n "
-                         "re-noised copies of the last step); K drawn once per batch", group="sampling")
-    truncation_k: int = _f(1, "K for truncation=fixed: gradients flow through the last K steps, in [1, steps]",
-                           group="sampling")
-    truncation_min: int = _f(1, "smallest K for truncation=uniform, in [1, steps]", group="sampling")
+                         "re-noised copies of the last step); K drawn once per batch")
+    truncation_k: int = _f(1, "K for truncation=fixed: gradients flow through the last K steps, in [1, steps]")
+    truncation_min: int = _f(1, "smallest K for truncation=uniform, in [1, steps]")
     truncation_max: Optional[int] = _f(None, "largest K for truncation=uniform, in [truncation_min, steps] "
-                                       "(default: sample_num_steps)", group="sampling")
-    truncation_mean: float = _f(8.0, "mean K for truncation=gaussian", group="sampling")
+                                       "(default: sample_num_steps)")
+    truncation_mean: float = _f(8.0, "mean K for truncation=gaussian")
     truncation_std: float = _f(5.0, "std of K for truncation=gaussian (> 0); K is rounded and clipped to "
-                               "[1, steps]", group="sampling")
+                               "[1, steps]")
     draft_lv_n: int = _f(2, "truncation=draft_lv: re-noised copies of the last step whose reward gradients are "
-                         "averaged (>= 1)", group="sampling")
-    gradient_checkpointing: bool = _f(True, "recompute each UNet call in backward instead of storing activations",
-                                      group="sampling")
+                         "averaged (>= 1)")
+    gradient_checkpointing: bool = _f(True, "recompute each UNet call in backward instead of storing activations")
+    truncated_backprop_rand: Optional[bool] = _f(None, "TRL's spelling (translated to truncation*): true = uniform "
+                                                 "K, false = fixed K; see docs/trl-migration.md")
+    truncated_backprop_timestep: Optional[int] = _f(None, "TRL's spelling: with truncated_backprop_rand false, the "
+                                                    "last sample_num_steps - t steps keep gradients (t in [0, "
+                                                    "steps - 1])")
+    truncated_rand_backprop_minmax: Optional[list[int]] = _f(None, "TRL's spelling: [a, b] with "
+                                                             "truncated_backprop_rand true = K ~ U[max(1, steps - b), "
+                                                             "steps - a]")
     # --- training
-    num_epochs: int = _f(100, "optimizer steps to run (TRL: one epoch = one optimizer update)", group="training")
-    train_batch_size: int = _f(1, "images sampled per micro-batch per process", group="training")
-    train_gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step", group="training")
-    train_learning_rate: float = _f(1e-3, "AdamW learning rate", group="training")
-    train_adam_beta1: float = _f(0.9, "AdamW beta1 in [0, 1)", group="training")
-    train_adam_beta2: float = _f(0.999, "AdamW beta2 in [0, 1)", group="training")
-    train_adam_weight_decay: float = _f(1e-4, "AdamW weight decay (>= 0)", group="training")
-    train_adam_epsilon: float = _f(1e-8, "AdamW epsilon (> 0)", group="training")
-    train_use_8bit_adam: bool = _f(False, "use bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)",
-                                   group="training")
-    train_max_grad_norm: float = _f(1.0, "clip the LoRA gradient norm to this value (> 0)", group="training")
+    num_epochs: int = _f(100, "optimizer steps to run (TRL: one epoch = one optimizer update)")
+    train_batch_size: int = _f(1, "images sampled per micro-batch per process")
+    train_gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    train_learning_rate: float = _f(1e-3, "AdamW learning rate")
+    train_adam_beta1: float = _f(0.9, "AdamW beta1 in [0, 1)")
+    train_adam_beta2: float = _f(0.999, "AdamW beta2 in [0, 1)")
+    train_adam_weight_decay: float = _f(1e-4, "AdamW weight decay (>= 0)")
+    train_adam_epsilon: float = _f(1e-8, "AdamW epsilon (> 0)")
+    train_use_8bit_adam: bool = _f(False, "use bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)")
+    train_max_grad_norm: float = _f(1.0, "clip the LoRA gradient norm to this value (> 0)")
     max_nonfinite_steps: int = _f(5, "stop after this many optimizer steps in a row with NaN/inf rewards or loss "
-                                  "(each such step is skipped; the last good LoRA is kept)", group="training")
-    mixed_precision: str = _f("fp16", "no, fp16 or bf16 (frozen weights in that dtype, LoRA in fp32; "
-                              "falls back to 'no' on CPU)", group="training")
-    allow_tf32: bool = _f(True, "allow TF32 matmuls on Ampere+ GPUs", group="training")
-    seed: int = _f(0, "random seed (prompts, noise, truncation draws)", group="training")
-    lora_rank: int = _f(4, "LoRA rank (>= 1)", group="training")
-    lora_alpha: float = _f(4.0, "LoRA alpha (> 0); the update is scaled by alpha / rank", group="training")
+                                  "(each such step is skipped; the last good LoRA is kept)")
+    mixed_precision: Optional[str] = _f("fp16", "no, fp16 or bf16 (frozen weights in that dtype, trained weights "
+                                        "in fp32; fp16 falls back to 'no' on CPU); None or 'none' = 'no'")
+    allow_tf32: bool = _f(True, "allow TF32 matmuls on Ampere+ GPUs")
+    seed: int = _f(0, "random seed (prompts, noise, truncation draws), in [0, 2**32 - 1]")
+    num_threads: Optional[int] = _f(None, "CPU threads for torch (None: torch's default; see "
+                                    "docs/configuration.md#cpu-threads)")
+    use_lora: bool = _f(True, "train a LoRA (true) or every UNet parameter (false: full fine-tuning, fp32 master "
+                        "weights, exported as a diffusers UNet in output_dir/unet; needs far more memory)")
+    lora_rank: int = _f(4, "LoRA rank (>= 1)")
+    lora_alpha: float = _f(4.0, "LoRA alpha (> 0); the update is scaled by alpha / rank")
     lora_target_modules: list[str] = _f(help="UNet modules that get LoRA adapters",
-                                        factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], group="training")
+                                        factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     # --- output, checkpoints, logging
-    output_dir: str = _f("alignprop-output", "where checkpoints, logs and the final LoRA are written",
-                         group="output")
-    save_freq: int = _f(1, "save a checkpoint every this many optimizer steps", group="output")
-    num_checkpoint_limit: int = _f(5, "keep at most this many checkpoints (oldest pruned)", group="output")
-    resume_from: str = _f("", "resume from a checkpoint folder, or 'latest' in output_dir/checkpoints",
-                          group="output")
+    output_dir: Optional[str] = _f(None, "where checkpoints, logs and the final LoRA are written (default: "
+                                   "alignprop-output; alignprop-tiny-sd-output / alignprop-tiny-sdxl-output for the "
+                                   "tiny models)")
+    save_freq: int = _f(1, "save a checkpoint every this many optimizer steps")
+    num_checkpoint_limit: int = _f(5, "keep at most this many checkpoints (oldest pruned)")
+    resume_from: str = _f("", "resume from a checkpoint folder, or 'latest' in output_dir/checkpoints")
     overwrite_output_dir: bool = _f(False, "start afresh in an output_dir that holds an earlier run, deleting its "
-                                    "checkpoints (off: such a run is refused, so no work is lost)", group="output")
-    eval_num_samples: int = _f(4, "fixed-seed samples scored before and after training (0 = skip)",
-                               group="output")
-    eval_seed: int = _f(1234, "seed of the fixed evaluation samples and prompts", group="output")
+                                    "checkpoints (off: such a run is refused, so no work is lost)")
+    eval_num_samples: int = _f(4, "fixed-seed samples scored before and after training (0 = skip)")
+    eval_seed: int = _f(1234, "seed of the fixed evaluation samples and prompts")
     image_loggers: list[PluginSpec] = _f(help="image loggers (folder, tensorboard, wandb; see docs/evaluation.md): "
-                                         "list of names or {name, options}", factory=list, group="output")
-    log_image_freq: int = _f(1, "call image loggers / the image hook every this many optimizer steps",
-                             group="output")
-    log_with: Optional[str] = _f(None, "accelerate tracker: tensorboard, wandb, ... (None = no tracker)",
-                                 group="output")
-    tracker_project_name: str = _f("alignprop", "tracker project name", group="output")
-    tracker_kwargs: dict[str, Any] = _f(help="extra init_kwargs for the tracker", factory=dict, group="output")
+                                         "list of names or {name, options}", factory=list)
+    log_image_freq: int = _f(1, "call image loggers / the image hook every this many optimizer steps")
+    log_with: Optional[str] = _f(None, "accelerate tracker: tensorboard, wandb, ... (None = no tracker)")
+    tracker_project_name: str = _f("alignprop", "tracker project name (TRL's default was 'trl')")
+    exp_name: str = _f(help="experiment name, recorded with the run (default: the script's file name)",
+                       factory=lambda: _script_name())
+    run_name: str = _f("", "tracker run name (default: exp_name)")
+    logdir: str = _f("logs", "tracker log folder, relative to output_dir (project_kwargs.logging_dir overrides)")
+    tracker_kwargs: dict[str, Any] = _f(help="extra init_kwargs for the tracker", factory=dict)
     accelerator_kwargs: dict[str, Any] = _f(help="extra keyword arguments for accelerate.Accelerator",
-                                            factory=dict, group="output")
-    project_kwargs: dict[str, Any] = _f(help="extra keyword arguments for accelerate's ProjectConfiguration",
-                                        factory=dict, group="output")
-    push_to_hub: bool = _f(False, "upload the final LoRA to the Hugging Face Hub", group="output")
-    hub_model_id: Optional[str] = _f(None, "hub repo id for push_to_hub (default: output_dir's name)",
-                                     group="output")
+                                            factory=dict)
+    project_kwargs: dict[str, Any] = _f(help="accelerate ProjectConfiguration keys as in TRL: project_dir (= "
+                                        "output_dir), logging_dir, total_limit (= num_checkpoint_limit), "
+                                        "automatic_checkpoint_naming (checkpoints are always named by step), "
+                                        "save_on_each_node", factory=dict)
+    push_to_hub: bool = _f(False, "upload the final LoRA to the Hugging Face Hub")
+    hub_model_id: Optional[str] = _f(None, "hub repo id for push_to_hub (default: output_dir's name)")
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
@@ -152,6 +172,31 @@ class AlignPropConfig:
         self.image_loggers = [_as_plugin_spec(x, "image_loggers") for x in _as_list(self.image_loggers, "image_loggers")]
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if self.mixed_precision is None or str(self.mixed_precision).lower() == "none":  # TRL's tests pass None
+            self.mixed_precision = "no"
+        # Python constructors get the same strings-to-types rules as YAML and the command line ("false" is False).
+        for name in TRL_TRUNCATION_FIELDS + ("use_lora", "num_threads"):
+            setattr(self, name, coerce(name, getattr(self, name)))
+        if isinstance(self.truncated_rand_backprop_minmax, tuple):
+            self.truncated_rand_backprop_minmax = list(self.truncated_rand_backprop_minmax)
+        # A derived output_dir may still be replaced by TRL's project_kwargs.project_dir (see _apply_project_kwargs).
+        self._output_dir_derived = self.output_dir is None
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.pretrained_model)
+        for name in ("output_dir", "resume_from", "logdir"):  # "~/runs/x" means the home folder everywhere
+            value = getattr(self, name)
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+        self._apply_trl_spellings()
+
+    def _apply_trl_spellings(self) -> None:
+        """Map TRL's spellings (truncated_backprop_*, project_kwargs' project_dir / total_limit) onto the fields
+        alignprop reads. Idempotent; called on construction and again by ``validate()`` because TRL scripts set
+        ``project_kwargs`` after constructing the config."""
+        if any(getattr(self, name) is not None for name in TRL_TRUNCATION_FIELDS):
+            _apply_trl_truncation(self)
+        if isinstance(self.project_kwargs, dict) and self.project_kwargs:
+            _apply_project_kwargs(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AlignPropConfig":
@@ -159,7 +204,6 @@ class AlignPropConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"a config must be a mapping of field: value, got {type(values).__name__}")
         values = dict(values)
-        _translate_trl_truncation(values)
         names = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in names:
@@ -203,9 +247,15 @@ class AlignPropConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "AlignPropConfig":
-        """Raise a one-line :class:`ConfigError` naming the first invalid field and its allowed range."""
+        """Raise a one-line :class:`ConfigError` naming the first invalid field and its allowed range (after
+        mapping TRL's spellings onto alignprop's fields). Returns ``self``."""
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), f.type)
+            _check_type(f.name, getattr(self, f.name), field_type(f.name))
+        for f in dataclasses.fields(self):  # NaN and inf pass every comparison test below: reject them first
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name}: got {value!r}, allowed: a finite number")
+        self._apply_trl_spellings()
         steps = self.sample_num_steps
         _require(steps >= 1, "sample_num_steps", steps, "an integer >= 1")
         _require(0.0 <= self.sample_eta <= 1.0, "sample_eta", self.sample_eta, "a number in [0, 1]")
@@ -228,6 +278,10 @@ class AlignPropConfig:
                      "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         _require(self.eval_num_samples >= 0, "eval_num_samples", self.eval_num_samples, "an integer >= 0")
+        for name in ("seed", "eval_seed"):
+            _require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
+        _require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,
+                 "empty (torch's default) or an integer >= 1")
         for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "lora_alpha"):
             value = getattr(self, name)
             _require(math.isfinite(value) and value > 0, name, value, "a finite number > 0")
@@ -242,10 +296,14 @@ class AlignPropConfig:
             value = getattr(self, name)
             _require(value is None or (value >= 8 and value % 8 == 0), name, value,
                      "empty or a positive multiple of 8 (the VAE downsampling factor)")
-        _require(bool(self.lora_target_modules), "lora_target_modules", self.lora_target_modules,
+        _require(bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
+                 "lora_target_modules", self.lora_target_modules,
                  "a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0")
         _require(bool(self.pretrained_model), "pretrained_model", self.pretrained_model, "a hub id or a folder")
         _require(bool(self.output_dir), "output_dir", self.output_dir, "a folder path")
+        _require(bool(self.logdir), "logdir", self.logdir, "a folder path (relative to output_dir)")
+        _require(bool(self.tracker_project_name), "tracker_project_name", self.tracker_project_name, "a name")
+        _check_accelerator_kwargs(self.accelerator_kwargs)
         _require(bool(self.rewards), "rewards", self.rewards, "at least one {name, weight}")
         for i, reward in enumerate(self.rewards):
             _require(math.isfinite(reward.weight), f"rewards[{i}].weight", reward.weight, "a finite number")
@@ -259,6 +317,18 @@ class AlignPropConfig:
             raise ConfigError("hub_model_id: required with push_to_hub")
         return self
 
+    # ------------------------------------------------------------------ derived values for the trainer
+    @property
+    def tracker_logging_dir(self) -> str:
+        """Where trackers write: ``project_kwargs.logging_dir`` if given, else ``output_dir/logdir``."""
+        given = self.project_kwargs.get("logging_dir") if isinstance(self.project_kwargs, dict) else None
+        return os.path.expanduser(str(given)) if given else os.path.join(self.output_dir, self.logdir)
+
+    @property
+    def tracker_run_name(self) -> str:
+        """The tracker's run name: ``run_name``, else ``exp_name``."""
+        return self.run_name or self.exp_name
+
 
 # ---------------------------------------------------------------------- helpers
 
@@ -266,21 +336,35 @@ class AlignPropConfig:
 def field_docs() -> list[tuple[str, str, Any, str, str]]:
     """(name, type name, default, help, group) for every field, in declaration order."""
     docs = []
+    group = ""
     for f in dataclasses.fields(AlignPropConfig):
+        group = GROUP_STARTS.get(f.name, group)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
             default = [dataclasses.asdict(d) for d in default]
         elif dataclasses.is_dataclass(default):
             default = dataclasses.asdict(default)
-        docs.append((f.name, _type_name(f.type), default, f.metadata.get("help", ""), f.metadata.get("group", "")))
+        if f.name == "exp_name":
+            default = "<script name>"  # computed per process
+        docs.append((f.name, field_type(f.name), default, f.metadata.get("help", ""), group))
     return docs
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
+    """The mapping in a YAML/TOML config file, or a one-line :class:`ConfigError`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; pass the path to a .yaml or .toml file")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass the path to a .yaml or .toml file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a .yaml or .toml file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read ({exc.strerror or exc})") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file '{path}' is a binary file; pass a .yaml or .toml file")
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -301,8 +385,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def coerce(name: str, value: Any) -> Any:
     """Turn a command-line string (or YAML value) into the type of field ``name``."""
-    types = {f.name: f.type for f in dataclasses.fields(AlignPropConfig)}
-    kind = _type_name(types[name])
+    kind = field_type(name)
     if not isinstance(value, str):
         return value
     text = value.strip()
@@ -329,6 +412,11 @@ def coerce(name: str, value: Any) -> Any:
         return [_parse_reward_shorthand(item) for item in text.split(",") if item.strip()]
     if name in ("image_loggers", "lora_target_modules") and not text.startswith(("[", "{", "-")):
         return [item.strip() for item in text.split(",") if item.strip()]
+    if name == "truncated_rand_backprop_minmax" and not text.startswith("["):
+        try:
+            return [int(item) for item in text.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"{name}: expected two integers 'a,b', got '{value}'") from None
     if name == "prompts" and not text.startswith(("[", "{")):
         return text
     try:
@@ -392,23 +480,122 @@ def _as_rewards(value: Any) -> list[RewardSpec]:
     return specs
 
 
-def _translate_trl_truncation(values: dict[str, Any]) -> None:
-    """Map TRL's truncation fields onto ours. TRL counts *detached* steps: with ``truncated_backprop_timestep`` t
-    of N steps, the last N - t steps keep gradients; with ``truncated_rand_backprop_minmax`` (a, b) TRL detaches a
-    random count in [a, b]. We translate to K = N - t (fixed) or K ~ U[max(1, N - b), N - a] (uniform)."""
-    if not any(k in values for k in TRL_TRUNCATION_FIELDS):
-        return
-    if "truncation" in values:
-        raise ConfigError("use either 'truncation' or TRL's truncated_backprop_* fields, not both")
-    steps = int(values.get("sample_num_steps", 50))
-    rand = values.pop("truncated_backprop_rand", True)
-    timestep = int(values.pop("truncated_backprop_timestep", 49))
-    low, high = values.pop("truncated_rand_backprop_minmax", (0, 50))
+def _apply_trl_truncation(config: AlignPropConfig) -> None:
+    """TRL counts *detached* steps: with ``truncated_backprop_timestep`` t of N steps the last N - t keep gradients;
+    with ``truncated_rand_backprop_minmax`` (a, b) TRL detaches a random count in [a, b]. So K = N - t (fixed) or
+    K ~ U[max(1, N - b), N - a] (uniform), with TRL's defaults for the fields not given (rand true, t 49, (0, 50)).
+    A ``truncation*`` field that was set to something else than its default and disagrees is an error."""
+    steps = config.sample_num_steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        return  # validate() reports sample_num_steps
+    rand = True if config.truncated_backprop_rand is None else config.truncated_backprop_rand
+    timestep = 49 if config.truncated_backprop_timestep is None else config.truncated_backprop_timestep
+    minmax = [0, 50] if config.truncated_rand_backprop_minmax is None else config.truncated_rand_backprop_minmax
+    _check_type("truncated_backprop_rand", rand, "bool")
+    _check_type("truncated_backprop_timestep", timestep, "int")
+    if not (isinstance(minmax, list) and len(minmax) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in minmax)):
+        raise ConfigError(f"truncated_rand_backprop_minmax: got {minmax!r}, allowed: two integers [a, b]")
     if rand:
-        values.update(truncation="uniform", truncation_min=max(1, steps - int(high)),
-                      truncation_max=max(1, steps - int(low)))
+        low, high = minmax
+        _require(0 <= low <= high and low < steps, "truncated_rand_backprop_minmax", minmax,
+                 f"[a, b] with 0 <= a <= b and a < sample_num_steps={steps} (a = {steps} or more detaches every "
+                 "step, so no step would keep a gradient)")
+        wanted = {"truncation": "uniform", "truncation_min": max(1, steps - high), "truncation_max": steps - low}
     else:
-        values.update(truncation="fixed", truncation_k=max(1, steps - timestep))
+        _require(0 <= timestep < steps, "truncated_backprop_timestep", timestep,
+                 f"an integer in [0, sample_num_steps - 1 = {steps - 1}] (t = {steps} or more detaches every step, "
+                 "so no step would keep a gradient)")
+        wanted = {"truncation": "fixed", "truncation_k": steps - timestep}
+    defaults = {"truncation": "uniform", "truncation_k": 1, "truncation_min": 1, "truncation_max": None}
+    given = ", ".join(f"{n}={getattr(config, n)!r}" for n in TRL_TRUNCATION_FIELDS if getattr(config, n) is not None)
+    for name, value in wanted.items():
+        current = getattr(config, name)
+        if current != defaults[name] and current != value:
+            raise ConfigError(f"{name}: got {current!r}, but TRL's {given} means {name}={value!r}; give the "
+                              "truncation in one spelling (truncation* or TRL's truncated_backprop_*)")
+    for name, value in wanted.items():
+        setattr(config, name, value)
+
+
+def _apply_project_kwargs(config: AlignPropConfig) -> None:
+    """TRL scripts pass accelerate ``ProjectConfiguration`` keys; alignprop writes everything under ``output_dir``:
+    ``project_dir`` is output_dir (it replaces the default one), ``total_limit`` is num_checkpoint_limit,
+    ``automatic_checkpoint_naming`` is what alignprop always does (checkpoints/checkpoint-<step>), ``logging_dir``
+    is the tracker folder (see ``tracker_logging_dir``)."""
+    kwargs = config.project_kwargs
+    unknown = sorted(str(k) for k in kwargs if k not in PROJECT_KWARGS)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], PROJECT_KWARGS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"project_kwargs: unknown key '{unknown[0]}'{hint}; allowed: {', '.join(PROJECT_KWARGS)}"
+                          + ("; checkpoints are numbered by step, drop 'iteration'" if unknown[0] == "iteration"
+                             else ""))
+    for key in ("project_dir", "logging_dir"):
+        if key in kwargs and not (isinstance(kwargs[key], (str, os.PathLike)) and str(kwargs[key])):
+            raise ConfigError(f"project_kwargs.{key}: got {kwargs[key]!r}, allowed: a folder path")
+    for key in ("automatic_checkpoint_naming", "save_on_each_node"):
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            raise ConfigError(f"project_kwargs.{key}: got {kwargs[key]!r}, allowed: true or false")
+    if "project_dir" in kwargs:
+        project_dir = os.path.expanduser(str(kwargs["project_dir"]))
+        if config._output_dir_derived:
+            config.output_dir = project_dir
+        elif os.path.abspath(project_dir) != os.path.abspath(config.output_dir):
+            raise ConfigError(f"project_kwargs.project_dir: got '{project_dir}' but output_dir is "
+                              f"'{config.output_dir}'; alignprop writes the whole run to output_dir: drop one of them "
+                              "or make them equal")
+    if "total_limit" in kwargs:
+        limit = kwargs["total_limit"]
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"project_kwargs.total_limit: got {limit!r}, allowed: an integer >= 1 (it sets "
+                              "num_checkpoint_limit)")
+        if config.num_checkpoint_limit not in (5, limit):
+            raise ConfigError(f"num_checkpoint_limit: got {config.num_checkpoint_limit}, but project_kwargs.total_limit"
+                              f" is {limit}; give the checkpoint limit once")
+        config.num_checkpoint_limit = limit
+
+
+def _check_accelerator_kwargs(kwargs: dict[str, Any]) -> None:
+    """Every key must be an ``accelerate.Accelerator`` argument that no config field sets already."""
+    if not kwargs:
+        return
+    import inspect
+
+    from accelerate import Accelerator
+
+    allowed = set(inspect.signature(Accelerator.__init__).parameters) - {"self", "kwargs"}
+    for key in kwargs:
+        if key in ACCELERATOR_ARGS_FROM_FIELDS:
+            raise ConfigError(f"accelerator_kwargs: '{key}' is set by the config field "
+                              f"'{ACCELERATOR_ARGS_FROM_FIELDS[key]}'; set that field instead")
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"accelerator_kwargs: unknown key '{key}'{hint}; allowed: the keyword arguments of "
+                              "accelerate.Accelerator")
+
+
+def _script_name() -> str:
+    """TRL's ``exp_name`` default: the running script's file name without its extension."""
+    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "alignprop"
+
+
+def _hide_from_hf_argparser(cls: type, names: tuple[str, ...]) -> None:
+    """HfArgumentParser skips fields whose ``init`` flag is off. TRL's example scripts parse
+    ``(ScriptArguments, AlignPropConfig)`` where ScriptArguments already declares ``pretrained_model``,
+    ``pretrained_revision`` and ``use_lora``; argparse refuses an option declared twice. Turning the flag off after
+    the dataclass has generated ``__init__`` keeps these fields in the constructor, YAML and our CLI, and hides them
+    from HfArgumentParser only (``dataclasses.replace`` cannot set them: use ``AlignPropConfig.replace``)."""
+    for f in dataclasses.fields(cls):
+        if f.name in names:
+            f.init = False
+
+
+def field_type(name: str) -> str:
+    """The declared type of field ``name`` as written in the class (e.g. ``Optional[int]``). Read from the class
+    annotations, not from ``dataclasses.fields``: HfArgumentParser overwrites ``Field.type`` in place."""
+    return _type_name(AlignPropConfig.__annotations__[name])
 
 
 def _type_name(tp: Any) -> str:
@@ -436,3 +623,6 @@ def _check_type(name: str, value: Any, tp: Any) -> None:
 def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name}: got {value!r}, allowed: {allowed}")
+
+
+_hide_from_hf_argparser(AlignPropConfig, HF_ARGPARSER_HIDDEN)

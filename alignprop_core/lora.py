@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,8 +52,40 @@ def save_lora(unet: torch.nn.Module, directory: str | os.PathLike, family: str =
     # a LoRA trained with lora_alpha != lora_rank at the wrong scale.
     pipeline_class(family).save_lora_weights(save_directory=str(directory),
                                              unet_lora_layers=unet_lora_state_dict(unet),
-                                             unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+                                             unet_lora_adapter_metadata=sorted_sets(unet.peft_config["default"]
+                                                                                    .to_dict()),
                                              safe_serialization=True)
+    canonicalize_safetensors_header(Path(directory) / LORA_WEIGHTS_NAME)
+
+
+def sorted_sets(value: Any) -> Any:
+    """``value`` with every set replaced by a sorted list (peft keeps target_modules as a set, whose order changes
+    from one Python process to the next), so the metadata JSON is the same for the same adapter."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, dict):
+        return {k: sorted_sets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [sorted_sets(v) for v in value]
+    return value
+
+
+def canonicalize_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted. The safetensors writer keeps
+    metadata in a hash map whose order differs between processes (measured: six saves of the same tensors, six
+    different files), so identical LoRAs would not be byte-identical. Tensor entries and data are unchanged."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        data = handle.read()
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header to a multiple of 8 bytes
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text + data)
+    os.replace(tmp, path)
 
 
 def load_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
@@ -65,3 +101,30 @@ def load_lora(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
     if unexpected:
         raise ConfigError(f"LoRA in '{directory}' does not fit this UNet (unexpected keys such as {unexpected[0]}); "
                           "resume with the same lora_rank and lora_target_modules")
+
+
+#: Where full fine-tuning (``use_lora: false``) writes the UNet in checkpoints and in the export.
+UNET_DIR = "unet"
+
+
+def save_full_unet(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Write the whole UNet as a diffusers model folder ``directory/unet`` (safetensors, ``from_pretrained``)."""
+    unet.save_pretrained(Path(directory) / UNET_DIR, safe_serialization=True)
+
+
+def load_full_unet(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """Load the weights saved by :func:`save_full_unet` into ``unet`` (same architecture)."""
+    from safetensors.torch import load_file
+
+    folder = Path(directory) / UNET_DIR
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"'{folder}' holds no safetensors weights; pick another checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        raise ConfigError(f"the UNet in '{folder}' does not fit this model ({'missing' if missing else 'unexpected'} "
+                          f"weight {key}); resume with the same pretrained_model")

@@ -11,6 +11,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from alignprop_core.errors import AlignPropError, ConfigError
+from alignprop_core.tiny import TINY_MODEL_ID, TINY_SDXL_MODEL_ID
+
+#: The default base model: Stable Diffusion 1.5 as maintained on the hub since runwayml's copy was removed (2024).
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+#: Hub ids that no longer exist -> their maintained copies (used with a one-line note).
+MODEL_ALIASES = {"runwayml/stable-diffusion-v1-5": DEFAULT_MODEL}
+
+
+def default_output_dir(pretrained_model: str) -> str:
+    """``output_dir`` when none is given: one folder per tiny demo model, so the demos never replace each other."""
+    tiny = {TINY_MODEL_ID: "alignprop-tiny-sd-output", TINY_SDXL_MODEL_ID: "alignprop-tiny-sdxl-output"}
+    return tiny.get(pretrained_model, "alignprop-output") if isinstance(pretrained_model, str) else "alignprop-output"
 
 #: diffusers pipeline class -> family. SD 2.x checkpoints are ``StableDiffusionPipeline`` too.
 PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
@@ -30,11 +42,19 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def pipeline_class_name(path: str | os.PathLike) -> Optional[str]:
-    """``_class_name`` from a local pipeline folder's ``model_index.json`` (None if unreadable)."""
+    """``_class_name`` from a local pipeline folder's ``model_index.json``; a one-line :class:`ConfigError` when
+    that file is not readable JSON (a corrupt file is not an "unknown class")."""
+    index = Path(path) / "model_index.json"
     try:
-        return json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = "is not valid JSON" if isinstance(exc, ValueError) else f"cannot be read ({exc.strerror or exc})"
+        raise ConfigError(f"pretrained_model: '{index}' {reason}; re-save the pipeline with pipe.save_pretrained "
+                          "or download it again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"pretrained_model: '{index}' is not a diffusers model index (expected a JSON object)")
+    name = data.get("_class_name")
+    return name if isinstance(name, str) else None
 
 
 def family_of_class(class_name: Optional[str], source: str) -> str:

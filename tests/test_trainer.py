@@ -157,8 +157,11 @@ def test_bad_reward_outputs_give_one_clear_error(tiny_config):
     ]
     for reward_fn, message in cases:
         config = tiny_config(num_epochs=1)
-        with pytest.raises(PluginError) as info:  # checked at set-up, before anything is written
-            AlignPropTrainer(config, reward_function=reward_fn)
+        # TRL checked nothing at construction (its own tests build trainers with a placeholder scorer), so the
+        # constructor warns and train() refuses, still before anything is written
+        trainer = AlignPropTrainer(config, reward_function=reward_fn)
+        with pytest.raises(PluginError) as info:
+            trainer.train()
         assert message in str(info.value)
         assert not os.path.exists(config.output_dir)
 

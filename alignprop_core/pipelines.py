@@ -1,0 +1,109 @@
+"""Finding and loading the base pipeline: tiny model ids, local folders, hub ids (with a fast offline check), aliases
+of removed hub ids, and a fingerprint of the base model that checkpoints record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from alignprop_core.errors import AlignPropError, ConfigError, first_line
+from alignprop_core.models import MODEL_ALIASES, family_of_class, pipeline_class, pipeline_class_name
+from alignprop_core.tiny import TINY_MODEL_ID, TINY_SDXL_MODEL_ID, tiny_pipeline_path
+
+
+def resolve_model_path(model: str) -> str:
+    """``alignprop:tiny-sd`` / ``alignprop:tiny-sdxl`` -> the cached tiny pipeline; a removed hub id -> its maintained
+    copy (with a one-line note); a local path must be a diffusers pipeline folder of a supported class; anything else
+    is treated as a hub id."""
+    if model in (TINY_MODEL_ID, TINY_SDXL_MODEL_ID):
+        return str(tiny_pipeline_path(kind="sd" if model == TINY_MODEL_ID else "sdxl"))
+    if model in MODEL_ALIASES:
+        print(f"note: '{model}' was removed from the Hugging Face Hub; using its maintained copy "
+              f"'{MODEL_ALIASES[model]}'", file=sys.stderr)
+        return MODEL_ALIASES[model]
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_local:
+        if path.is_file():
+            raise ConfigError(f"pretrained_model: '{model}' is a file; give a diffusers pipeline folder (the one "
+                              "holding model_index.json) or a hub id")
+        if not path.is_dir():
+            raise ConfigError(f"pretrained_model: folder '{model}' does not exist; give a diffusers pipeline folder "
+                              "or a hub id")
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(f"pretrained_model: '{model}' has no model_index.json, so it is not a diffusers "
+                              "pipeline folder (save one with pipe.save_pretrained)")
+        family_of_class(pipeline_class_name(path), model)  # a supported family, checked before any loading
+        return str(path)
+    return model
+
+
+def hub_unreachable_reason(repo_id: str) -> str | None:
+    """Why ``repo_id`` cannot come from the hub right now without waiting for retries (offline mode and not
+    cached, or no connection to the hub's host within 3 s), or None when loading may go ahead."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    if constants.HF_HUB_OFFLINE:
+        return None if cached else "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        if cached:
+            os.environ["HF_HUB_OFFLINE"] = "1"  # only the cache can serve it: skip the hub's retries
+            constants.HF_HUB_OFFLINE = True
+            return None
+        return f"the Hugging Face Hub ({host}) cannot be reached (no network?) and it is not in the local cache"
+    return None
+
+
+def load_pipeline(model: str, revision: str = "main"):
+    """Load a supported pipeline from a hub id or folder: the class named in its ``model_index.json``
+    (``StableDiffusionPipeline`` without safety checker, or ``StableDiffusionXLPipeline`` without watermarker);
+    any other class is a one-line error naming the supported ones, raised before weights are fetched."""
+    from diffusers import DiffusionPipeline
+
+    local = Path(model).is_dir()
+    if not local:
+        reason = hub_unreachable_reason(model)
+        if reason:
+            raise AlignPropError(f"could not load pipeline '{model}': {reason}; download it where there is network "
+                                 "(huggingface-cli download) and pass the local folder as pretrained_model, or set "
+                                 "HF_HUB_OFFLINE=1 to use only the cache")
+    try:
+        class_name = (pipeline_class_name(model) if local
+                      else DiffusionPipeline.load_config(model, revision=revision).get("_class_name"))
+        family = family_of_class(class_name, model)
+        kwargs: dict[str, Any] = ({"safety_checker": None, "requires_safety_checker": False} if family == "sd"
+                                  else {"add_watermarker": False})
+        if local:
+            return pipeline_class(family).from_pretrained(model, local_files_only=True, **kwargs)
+        return pipeline_class(family).from_pretrained(model, revision=revision, **kwargs)
+    except AlignPropError:
+        raise
+    except Exception as exc:  # a missing or broken component: name it, never a traceback
+        first = first_line(exc) or type(exc).__name__
+        hint = ("the folder is incomplete or damaged: re-save it with pipe.save_pretrained" if local else
+                "without network, download it elsewhere and pass the local folder as pretrained_model")
+        raise AlignPropError(f"could not load pipeline '{model}' ({type(exc).__name__}: {first[:200]}); {hint}") \
+            from None
+
+
+def denoiser_fingerprint(denoiser: Any) -> str:
+    """A short hash of the denoiser's config and first weight tensor (rounded to fp16, so the compute dtype does not
+    change it): two checkpoints of the same base model agree, two different fine-tunes almost surely do not."""
+    import torch
+
+    config = {k: v for k, v in dict(denoiser.config).items() if not k.startswith("_")}
+    digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=8)
+    first = next(iter(denoiser.parameters()), None)
+    if first is not None:
+        digest.update(first.detach().to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()
