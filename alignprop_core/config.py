@@ -37,6 +37,7 @@ PROJECT_KWARGS = ("project_dir", "logging_dir", "total_limit", "automatic_checkp
 ACCELERATOR_ARGS_FROM_FIELDS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps":
                                 "train_gradient_accumulation_steps", "log_with": "log_with",
                                 "project_config": "project_kwargs", "project_dir": "output_dir"}
+FLOAT32_MAX = 3.4028234663852886e38
 MAX_SEED = 2**32 - 1  # numpy's global seed (accelerate.set_seed seeds it) must be below 2**32
 
 
@@ -255,6 +256,9 @@ class AlignPropConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.name}: got {value!r}, allowed: a finite number")
+            if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # torch refuses such scalars (a traceback)
+                raise ConfigError(f"{f.name}: got {value!r}, allowed: a finite number within float32's range "
+                                  f"(|x| <= {FLOAT32_MAX:.4g})")
         self._apply_trl_spellings()
         steps = self.sample_num_steps
         _require(steps >= 1, "sample_num_steps", steps, "an integer >= 1")

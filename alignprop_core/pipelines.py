@@ -40,6 +40,7 @@ def resolve_model_path(model: str) -> str:
             raise ConfigError(f"pretrained_model: '{model}' has no model_index.json, so it is not a diffusers "
                               "pipeline folder (save one with pipe.save_pretrained)")
         family_of_class(pipeline_class_name(path), model)  # a supported family, checked before any loading
+        check_component_folders(path, model)
         return str(path)
     return model
 
@@ -84,8 +85,11 @@ def load_pipeline(model: str, revision: str = "main"):
         kwargs: dict[str, Any] = ({"safety_checker": None, "requires_safety_checker": False} if family == "sd"
                                   else {"add_watermarker": False})
         if local:
-            return pipeline_class(family).from_pretrained(model, local_files_only=True, **kwargs)
-        return pipeline_class(family).from_pretrained(model, revision=revision, **kwargs)
+            pipe = pipeline_class(family).from_pretrained(model, local_files_only=True, **kwargs)
+        else:
+            pipe = pipeline_class(family).from_pretrained(model, revision=revision, **kwargs)
+        check_components(pipe, model)
+        return pipe
     except AlignPropError:
         raise
     except Exception as exc:  # a missing or broken component: name it, never a traceback
@@ -94,6 +98,27 @@ def load_pipeline(model: str, revision: str = "main"):
                 "without network, download it elsewhere and pass the local folder as pretrained_model")
         raise AlignPropError(f"could not load pipeline '{model}' ({type(exc).__name__}: {first[:200]}); {hint}") \
             from None
+
+
+def check_component_folders(path: Path, source: str) -> None:
+    """Every component that ``model_index.json`` lists must have its folder: without ``tokenizer/`` diffusers builds
+    a 2-token tokenizer with no length limit and sampling fails (or hangs) much later."""
+    index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    for name, entry in index.items():
+        listed = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+        if not name.startswith("_") and listed and not (path / name).is_dir():
+            raise ConfigError(f"pretrained_model: '{source}' lists a {name} in model_index.json but has no {name}/ "
+                              "folder; re-save the pipeline with pipe.save_pretrained, or download it again")
+
+
+def check_components(pipe: Any, source: str) -> None:
+    """A one-line error when a required part of the pipeline is missing (diffusers loads a folder without, say,
+    its tokenizer as ``tokenizer=None``, and sampling would fail later with a traceback)."""
+    optional = set(getattr(pipe, "_optional_components", []) or [])
+    missing = [name for name, part in pipe.components.items() if part is None and name not in optional]
+    if missing:
+        raise AlignPropError(f"pipeline '{source}' has no {missing[0]} (the folder lacks {missing[0]}/ or its "
+                             "files); re-save the pipeline with pipe.save_pretrained, or download it again")
 
 
 def denoiser_fingerprint(denoiser: Any) -> str:
