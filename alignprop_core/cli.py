@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib.abc
+import os
+import re
 import sys
-from importlib import resources
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from alignprop_core.config import AlignPropConfig, field_docs, read_config_file
+from alignprop_core import __version__
+from alignprop_core.config import AlignPropConfig, field_docs, preset_names, read_config_file, read_preset
 from alignprop_core.errors import AlignPropError
-
-
-def preset_names() -> list[str]:
-    folder = resources.files("alignprop_core").joinpath("presets")
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def _read_preset(name: str) -> dict[str, Any]:
-    if name not in preset_names():
-        raise AlignPropError(f"unknown preset '{name}'; available presets: {', '.join(preset_names())}")
-    with resources.as_file(resources.files("alignprop_core").joinpath("presets", f"{name}.yaml")) as path:
-        return read_config_file(path)
+from alignprop_core.hints import did_you_mean
+from alignprop_core.paths import check_output_file, write_text_atomically
 
 
 _METAVARS = {"rewards": "NAME:WEIGHT,...|YAML", "prompts": "NAME|YAML", "image_loggers": "NAME,...|YAML",
@@ -45,14 +37,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> AlignPropConfig:
-    """Preset, then config file, then ``--field value`` overrides; validated."""
+    """Preset, then config file, then ``--field value`` overrides; validated. Options that are not config fields
+    (a command's own, such as ``--lora`` or ``--write``) are left out."""
     values: dict[str, Any] = {}
-    if args.preset:
-        values.update(_read_preset(args.preset))
-    if args.config:
+    if args.preset is not None:
+        values.update(read_preset(args.preset))
+    if args.config is not None:
         values.update(read_config_file(args.config))
-    reserved = {"config", "preset", "command", "write", "func"}
-    values.update({k: v for k, v in vars(args).items() if k not in reserved})
+    fields = {name for name, *_ in field_docs()}
+    values.update({k: v for k, v in vars(args).items() if k in fields})
     return AlignPropConfig.from_dict(values).validate()
 
 
@@ -72,12 +65,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    file = None if args.write is None else check_output_file(args.write, "--write", overwrite=args.overwrite)
     text = resolve_config(args).to_yaml()
-    if args.write:
-        Path(args.write).write_text(text)
-        print(f"wrote {args.write}")
-    else:
+    if file is None:
         print(text, end="")
+        return 0
+    write_text_atomically(file, text)
+    print(f"wrote {args.write}")
     return 0
 
 
@@ -110,48 +104,38 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
-    from alignprop_core.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+    from alignprop_core.tiny import TINY_FAMILIES, build_tiny
 
-    if args.sdxl:
-        print(f"tiny SDXL pipeline written to {build_tiny_sdxl_pipeline(args.path)}")
-    else:
-        print(f"tiny SD-1.x pipeline written to {build_tiny_pipeline(args.path)}")
+    path = build_tiny(args.path, args.family, overwrite=args.overwrite)
+    print(f"tiny {TINY_FAMILIES[args.family][0]} pipeline written to {path}")
     return 0
 
 
-_EVAL_ARGS = ("lora", "out", "prompts_file", "no_base", "batch_size", "prompt", "lora_scale", "num_per_prompt")
-
-
-def _resolve_config_ignoring(args: argparse.Namespace, names: Sequence[str] = _EVAL_ARGS) -> AlignPropConfig:
-    """``resolve_config`` for commands that add their own (non-config) arguments."""
-    return resolve_config(argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in names}))
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    config = _resolve_config_ignoring(args)
+    config = resolve_config(args)
     from alignprop_core.evaluate import run_eval
 
     run_eval(config, args.lora or [], out_dir=args.out, prompts_file=args.prompts_file, include_base=not args.no_base,
-             batch_size=args.batch_size)
+             batch_size=args.batch_size, overwrite=args.overwrite)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    config = _resolve_config_ignoring(args)
+    config = resolve_config(args)
     from alignprop_core.evaluate import read_prompts_file, run_sample
 
     prompts = list(args.prompt or [])
-    if args.prompts_file:
+    if args.prompts_file is not None:
         prompts += read_prompts_file(args.prompts_file)[0]
     run_sample(config, prompts, out_dir=args.out, lora=args.lora, lora_scale=args.lora_scale, seed=config.seed,
-               num_per_prompt=args.num_per_prompt, batch_size=args.batch_size)
+               num_per_prompt=args.num_per_prompt, batch_size=args.batch_size, overwrite=args.overwrite)
     return 0
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
     from alignprop_core.mix import mix_loras
 
-    file = mix_loras(args.loras, args.weights, args.out)
+    file = mix_loras(args.loras, args.weights, args.out, overwrite=args.overwrite)
     print(f"mixed LoRA written to {file}; load it with StableDiffusionPipeline.load_lora_weights('{args.out}')")
     return 0
 
@@ -169,6 +153,7 @@ def _add_eval_parsers(sub: Any) -> None:
     evaluate.add_argument("-o", "--out", default="alignprop-eval", metavar="DIR",
                           help="output folder (default: alignprop-eval)")
     evaluate.add_argument("--batch_size", type=int, metavar="N", help="images per batch (default: train_batch_size)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in the output folder")
     _add_config_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     sample = sub.add_parser(
@@ -183,6 +168,8 @@ def _add_eval_parsers(sub: Any) -> None:
     sample.add_argument("-o", "--out", default="alignprop-samples", metavar="DIR",
                         help="output folder (default: alignprop-samples)")
     sample.add_argument("--batch_size", type=int, metavar="N", help="images per batch (default: train_batch_size)")
+    sample.add_argument("--overwrite", action="store_true", help="replace images of the same names in the output "
+                        "folder")
     _add_config_arguments(sample)
     sample.set_defaults(func=cmd_sample)
     mix = sub.add_parser(
@@ -194,19 +181,79 @@ def _add_eval_parsers(sub: Any) -> None:
                      "summing to 1); negative weights subtract")
     mix.add_argument("-o", "--out", default="alignprop-mix", metavar="DIR", help="output folder (default: "
                      "alignprop-mix)")
+    mix.add_argument("--overwrite", action="store_true", help="replace a LoRA already in the output folder")
     mix.set_defaults(func=cmd_mix)
 
 
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
+
+
+def _choice_hint(message: str) -> str:
+    """argparse's "invalid choice: 'trian' (choose from ...)" plus "did you mean 'train'?" when one is close."""
+    match = _INVALID_CHOICE.search(message)
+    if not match:
+        return message
+    hint = did_you_mean(match.group(1), [c.strip().strip("'\"") for c in match.group(2).split(",")])
+    return f"{message} ({hint})" if hint else message
+
+
+def _long_options(parser: argparse.ArgumentParser) -> list[str]:
+    return [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+
+
+def _with_flag_hints(extras: Sequence[str], parser: argparse.ArgumentParser) -> str:
+    """The unrecognized arguments, each misspelled flag followed by "(did you mean --flag?)"."""
+    options = _long_options(parser)
+    shown = []
+    for token in extras:
+        hint = did_you_mean(token.split("=", 1)[0], options, quote="") if token.startswith("-") else ""
+        shown.append(f"{token} ({hint})" if hint else token)
+    return " ".join(shown)
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(getattr(args, action.dest, None))
+    return None
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with our one-line errors (no usage dump) and exit status 2."""
+    """argparse with our one-line errors (no usage dump), "did you mean" hints and exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, f"error: {_choice_hint(message)}; see `{self.prog} --help`\n")
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = _chosen_subparser(self, parsed) or self
+            parser.error(f"unrecognized arguments: {_with_flag_hints(extras, parser)}")
+        return parsed
+
+
+def _add_verbose(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="show the progress bars of diffusers/transformers/huggingface_hub while loading models")
+
+
+def _add_tiny_parser(sub: Any) -> None:
+    tiny = sub.add_parser("tiny-pipeline", help="build a tiny random-weight SD-1.x or SDXL pipeline in a folder",
+                          description="Build the tiny random-weight test pipeline into PATH (a new or empty folder).")
+    tiny.add_argument("path", metavar="PATH", help="folder to create (must be new or empty unless --overwrite)")
+    family = tiny.add_mutually_exclusive_group()
+    family.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="model family (default: sd)")
+    family.add_argument("--sdxl", dest="family", action="store_const", const="sdxl", help="same as --family sdxl")
+    tiny.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing "
+                      "pipeline files of the same names")
+    tiny.set_defaults(func=cmd_tiny_pipeline)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="alignprop", description="Align text-to-image diffusion models with "
                                      "differentiable rewards by reward backpropagation (AlignProp).")
+    parser.add_argument("--version", action="version", version=f"alignprop {__version__}")
+    _add_verbose(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a LoRA", description="Fine-tune UNet LoRA weights by "
                            "backpropagating rewards. Every config field can be set in CONFIG or as --field value.")
@@ -216,25 +263,99 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Print the resolved config (defaults < preset < CONFIG < --field value).")
     _add_config_arguments(config)
     config.add_argument("--write", metavar="PATH", help="write the YAML to PATH instead of printing it")
+    config.add_argument("--overwrite", action="store_true", help="let --write replace an existing file")
     config.set_defaults(func=cmd_config)
     sub.add_parser("rewards", help="list installed rewards with their plugin and package").set_defaults(
         func=cmd_rewards)
     sub.add_parser("plugins", help="list installed rewards, prompt sources and image loggers").set_defaults(
         func=cmd_plugins)
-    tiny = sub.add_parser("tiny-pipeline", help="build a tiny random-weight SD-1.x (or --sdxl) pipeline in a folder")
-    tiny.add_argument("path")
-    tiny.add_argument("--sdxl", action="store_true", help="build the tiny SDXL pipeline instead")
-    tiny.set_defaults(func=cmd_tiny_pipeline)
+    _add_tiny_parser(sub)
     _add_eval_parsers(sub)
+    for subparser in sub.choices.values():
+        _add_verbose(subparser, default=argparse.SUPPRESS)  # -v also after the command
     return parser
+
+
+# ---------------------------------------------------------------------- library progress bars
+
+
+class _CallbackLoader(importlib.abc.Loader):
+    """Wraps a module's loader: runs ``callback(module)`` once the module has been executed."""
+
+    def __init__(self, loader: Any, callback: Callable[[Any], None]):
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._loader.exec_module(module)
+        _call_quietly(self._callback, module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...: the real loader's
+        return getattr(self._loader, name)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds ``name`` with the other finders and wraps its loader in a :class:`_CallbackLoader` (once)."""
+
+    def __init__(self, name: str, callback: Callable[[Any], None]):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _CallbackLoader(spec.loader, self.callback)
+                return spec
+        return None
+
+
+def _call_quietly(callback: Callable[[Any], None], module: Any) -> None:
+    try:
+        callback(module)
+    except Exception:  # a library without this switch: keep its bars rather than fail
+        pass
+
+
+def run_after_import(module_name: str, callback: Callable[[Any], None]) -> None:
+    """Call ``callback(module)`` now if ``module_name`` is imported, else right after its first import."""
+    if module_name in sys.modules:
+        _call_quietly(callback, sys.modules[module_name])
+    elif not any(isinstance(f, _AfterImport) and f.name == module_name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(module_name, callback))
+
+
+def quiet_library_progress() -> None:
+    """Hide the bars diffusers ("Loading pipeline components..."), transformers ("Loading weights") and
+    huggingface_hub (downloads) draw, without importing them. alignprop's own training bar is plain tqdm and stays.
+    ``HF_HUB_DISABLE_PROGRESS_BARS=0`` in the environment keeps them all, as ``--verbose`` does."""
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub, and so transformers, at import
+    if "huggingface_hub" in sys.modules:
+        run_after_import("huggingface_hub.utils", lambda module: module.disable_progress_bars())
+    run_after_import("transformers.utils.logging", lambda module: module.disable_progress_bar())
+    run_after_import("diffusers.utils.logging", lambda module: module.disable_progress_bar())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_library_progress()
     try:
         return args.func(args)
     except AlignPropError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        stopped_by_signal = getattr(exc, "exit_code", None)  # trainer.TrainingInterrupted: saved, not an error
+        if stopped_by_signal:
+            print(str(exc), file=sys.stderr)
+            return stopped_by_signal
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the message
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -7,17 +7,18 @@ command-line overrides and validation live here too; this module imports no torc
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
 from alignprop_core.errors import ConfigError, first_line
+from alignprop_core.hints import did_you_mean
 from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, default_output_dir
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -208,11 +209,17 @@ class AlignPropConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         for key in values:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                hint = did_you_mean(str(key), sorted(names))
+                hint = f" ({hint})" if hint else ""
                 raise ConfigError(f"unknown config field '{key}'{hint}; see `alignprop train --help` for all fields")
         converted = {key: coerce(key, value) for key, value in values.items()}
         return cls(**converted)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "AlignPropConfig":
+        """A bundled preset (``tiny``: the offline demo; ``sd15-aesthetic``: the defaults spelled out), with
+        ``overrides`` on top, e.g. ``AlignPropConfig.from_preset("tiny", num_epochs=5)``."""
+        return cls.from_dict({**read_preset(name), **overrides})
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "AlignPropConfig":
@@ -354,21 +361,34 @@ def field_docs() -> list[tuple[str, str, Any, str, str]]:
     return docs
 
 
+def preset_names() -> list[str]:
+    """The bundled presets (``alignprop_core/presets/*.yaml``)."""
+    folder = resources.files("alignprop_core").joinpath("presets")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """The mapping of bundled preset ``name``, or a one-line :class:`ConfigError` listing the presets."""
+    if name not in preset_names():
+        hint = did_you_mean(str(name), preset_names())
+        raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(preset_names())}"
+                          + (f"; {hint}" if hint else ""))
+    with resources.as_file(resources.files("alignprop_core").joinpath("presets", f"{name}.yaml")) as path:
+        return read_config_file(path)
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The mapping in a YAML/TOML config file, or a one-line :class:`ConfigError`."""
-    path = Path(path).expanduser()
+    from alignprop_core.paths import read_text
+
+    if not str(path).strip():
+        raise ConfigError("config file: got an empty path; pass the path to a .yaml or .toml file")
+    shown, path = path, Path(path).expanduser()
     if path.is_dir():
-        raise ConfigError(f"config file '{path}' is a folder; pass the path to a .yaml or .toml file")
+        raise ConfigError(f"config file '{shown}' is a folder; pass the path to a .yaml or .toml file")
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass the path to a .yaml or .toml file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file '{path}' is not a text file (not UTF-8); pass a .yaml or .toml file") from None
-    except OSError as exc:
-        raise ConfigError(f"config file '{path}' cannot be read ({exc.strerror or exc})") from None
-    if "\x00" in text:
-        raise ConfigError(f"config file '{path}' is a binary file; pass a .yaml or .toml file")
+        raise ConfigError(f"config file '{shown}' does not exist; pass the path to a .yaml or .toml file")
+    text = read_text(path, f"config file '{shown}'", "pass a .yaml or .toml file")
     try:
         if path.suffix == ".toml":
             import tomllib
@@ -512,14 +532,16 @@ def _apply_trl_truncation(config: AlignPropConfig) -> None:
                  "so no step would keep a gradient)")
         wanted = {"truncation": "fixed", "truncation_k": steps - timestep}
     defaults = {"truncation": "uniform", "truncation_k": 1, "truncation_min": 1, "truncation_max": None}
+    earlier = getattr(config, "_trl_translation", {})  # what an earlier translation set is not the user's value
     given = ", ".join(f"{n}={getattr(config, n)!r}" for n in TRL_TRUNCATION_FIELDS if getattr(config, n) is not None)
     for name, value in wanted.items():
         current = getattr(config, name)
-        if current != defaults[name] and current != value:
+        if current not in (defaults[name], value, earlier.get(name)):
             raise ConfigError(f"{name}: got {current!r}, but TRL's {given} means {name}={value!r}; give the "
                               "truncation in one spelling (truncation* or TRL's truncated_backprop_*)")
     for name, value in wanted.items():
         setattr(config, name, value)
+    config._trl_translation = wanted
 
 
 def _apply_project_kwargs(config: AlignPropConfig) -> None:
@@ -530,8 +552,8 @@ def _apply_project_kwargs(config: AlignPropConfig) -> None:
     kwargs = config.project_kwargs
     unknown = sorted(str(k) for k in kwargs if k not in PROJECT_KWARGS)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], PROJECT_KWARGS, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        hint = did_you_mean(unknown[0], PROJECT_KWARGS)
+        hint = f" ({hint})" if hint else ""
         raise ConfigError(f"project_kwargs: unknown key '{unknown[0]}'{hint}; allowed: {', '.join(PROJECT_KWARGS)}"
                           + ("; checkpoints are numbered by step, drop 'iteration'" if unknown[0] == "iteration"
                              else ""))
@@ -574,8 +596,8 @@ def _check_accelerator_kwargs(kwargs: dict[str, Any]) -> None:
             raise ConfigError(f"accelerator_kwargs: '{key}' is set by the config field "
                               f"'{ACCELERATOR_ARGS_FROM_FIELDS[key]}'; set that field instead")
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(str(key), sorted(allowed))
+            hint = f" ({hint})" if hint else ""
             raise ConfigError(f"accelerator_kwargs: unknown key '{key}'{hint}; allowed: the keyword arguments of "
                               "accelerate.Accelerator")
 

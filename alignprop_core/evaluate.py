@@ -13,6 +13,7 @@ import contextlib
 import csv
 import html
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,9 @@ from alignprop_core import plugins
 from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.lora import LORA_WEIGHTS_NAME
+from alignprop_core.paths import check_output_dir
 from alignprop_core.sampler import encode_prompts, sample_images
+from alignprop_core.seeding import draw_prompts, eval_seeds
 
 ScoreFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -58,27 +61,6 @@ class Scored:
 # ---------------------------------------------------------------------- prompts and seeds
 
 
-def eval_seeds(seed: int, count: int) -> list[int]:
-    """Per-sample seeds of the evaluation set (the trainer's: ``derive_seed(eval_seed, "eval", i)``)."""
-    from alignprop_core.trainer import derive_seed
-
-    return [derive_seed(seed, "eval", i) for i in range(count)]
-
-
-def draw_prompts(prompt_fn: Callable[[], Any], seeds: Sequence[int]) -> tuple[list[str], list[dict]]:
-    """One ``(prompt, metadata)`` per seed, each drawn with the global RNGs seeded by it (and restored after)."""
-    from alignprop_core.trainer import seeded_global_rngs
-
-    pairs = []
-    for seed in seeds:
-        with seeded_global_rngs(seed):
-            pairs.append(prompt_fn())
-    for pair in pairs[:1]:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str)):
-            raise AlignPropError(f"the prompt source returned {pair!r}; it must return (prompt: str, metadata: dict)")
-    return [p for p, _ in pairs], [dict(m or {}) for _, m in pairs]
-
-
 def eval_sample_set(prompt_fn: Callable[[], Any], num_samples: int, seed: int) -> SampleSet:
     """The fixed evaluation set: ``num_samples`` prompts from ``prompt_fn`` and their seeds, all from ``seed``."""
     seeds = eval_seeds(seed, num_samples)
@@ -87,25 +69,14 @@ def eval_sample_set(prompt_fn: Callable[[], Any], num_samples: int, seed: int) -
 
 
 def read_prompts_file(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
-    """All prompts of a ``.txt`` file (one per line) or a ``.jsonl`` file (``{"prompt": ..., "metadata": {...}}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"prompts file '{path}' does not exist; give a .txt file with one prompt per line "
-                          "(or a .jsonl of {\"prompt\": ...} records)")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ConfigError(f"prompts file '{path}' is empty; put one prompt per line")
-    if path.suffix != ".jsonl":
-        return lines, [{} for _ in lines]
-    prompts, metadata = [], []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            prompts.append(str(record["prompt"]))
-            metadata.append(dict(record.get("metadata") or {}))
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{path}:{number}: expected a JSON object with a 'prompt' key") from None
-    return prompts, metadata
+    """All prompts of ``--prompts_file``: a ``.txt`` file (one per line) or a ``.jsonl`` file (``{"prompt": ...,
+    "metadata": {...}}``), read by the same reader as the ``from_file`` prompt source."""
+    from alignprop_core.prompts import read_prompt_file
+
+    if not str(path).strip():
+        raise ConfigError("--prompts_file: got an empty path; give a .txt file with one prompt per line (or a .jsonl "
+                          "of {\"prompt\": ...} records)")
+    return read_prompt_file(path, label="prompts file", error=ConfigError)
 
 
 # ---------------------------------------------------------------------- pipeline helpers
@@ -148,10 +119,9 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 def check_lora_dir(directory: str | os.PathLike) -> Path:
     """A folder holding ``pytorch_lora_weights.safetensors``, or a one-line :class:`ConfigError`."""
-    path = Path(directory)
-    if not path.is_dir():
-        raise ConfigError(f"LoRA folder '{directory}' does not exist; pass a folder written by alignprop train "
-                          f"(it holds {LORA_WEIGHTS_NAME})")
+    from alignprop_core.mix import check_lora_folder
+
+    path = check_lora_folder(directory)
     if not (path / LORA_WEIGHTS_NAME).is_file():
         raise ConfigError(f"LoRA folder '{directory}' has no {LORA_WEIGHTS_NAME}; pass the output_dir of a "
                           "finished run (or a checkpoint folder under checkpoints/)")
@@ -272,13 +242,16 @@ def model_labels(loras: Sequence[str | os.PathLike], include_base: bool = True) 
 
 def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *, out_dir: str | os.PathLike,
              prompts_file: Optional[str | os.PathLike] = None, include_base: bool = True,
-             batch_size: Optional[int] = None, print_fn: Callable[[str], Any] = print) -> EvalReport:
+             batch_size: Optional[int] = None, print_fn: Callable[[str], Any] = print,
+             overwrite: bool = False) -> EvalReport:
     """Score the base model and each LoRA on the same fixed prompts and noise with every configured reward; write
     ``eval.json``, ``eval.csv``, ``grid.png`` (a row per prompt, a column per model), ``index.html`` and the images
-    into ``out_dir``; print the table."""
+    into ``out_dir``; print the table. An earlier report in ``out_dir`` is replaced only with ``overwrite``."""
     # Everything that can be wrong with names and paths is checked before a model is loaded.
     if not loras and not include_base:
         raise ConfigError("nothing to evaluate: pass --lora DIR (and/or keep the base model)")
+    _check_batch_size(batch_size)
+    _check_not_used(out_dir, ["eval.json"], overwrite)
     lora_dirs = [check_lora_dir(d) for d in loras]
     for reward in config.rewards:
         plugins.get("reward", reward.name)
@@ -294,7 +267,6 @@ def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *
     from alignprop_core.trainer import resolve_model_path
 
     resolve_model_path(config.pretrained_model)
-    out = _writable_dir(out_dir)
 
     device, dtype = inference_setup(config)
     score_fn = reward_scorer(config, device)
@@ -311,6 +283,7 @@ def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *
         print_fn(f"{label}: " + ", ".join(f"{n}={v:.4f}" for n, v in scores[label].means().items()))
 
     rows = table_rows(scores, config, baseline="base" if include_base else None)
+    out = _writable_dir(out_dir)  # created only now: a failure above leaves nothing behind
     report = EvalReport(labels, samples, scores, rows, out)
     report.files = write_eval_outputs(report, config, {l: (str(s) if s else None) for l, s in zip(labels, sources)})
     print_fn("")
@@ -340,21 +313,25 @@ def table_rows(scores: dict[str, Scored], config: AlignPropConfig, baseline: Opt
     return rows
 
 
+#: the columns of the printed and the HTML table, in order
+_TABLE_COLUMNS = ("model", "reward", "mean", "std", "min", "max", "delta_vs_base", "win_rate_vs_base")
+
+
+def _format_cell(value: Any, column: str) -> str:
+    """One table value as text: delta signed, win rate in percent, floats to 4 decimals, None as '-'."""
+    if value is None:
+        return "-"
+    if column == "delta_vs_base":
+        return f"{value:+.4f}"
+    if column == "win_rate_vs_base":
+        return f"{100 * value:.0f}%"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The rows as an aligned text table."""
-    columns = [c for c in ("model", "reward", "mean", "std", "min", "max", "delta_vs_base", "win_rate_vs_base")
-               if any(c in row for row in rows)]
-
-    def cell(value: Any, column: str) -> str:
-        if value is None:
-            return "-"
-        if column == "delta_vs_base":
-            return f"{value:+.4f}"
-        if column == "win_rate_vs_base":
-            return f"{100 * value:.0f}%"
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-    cells = [[cell(row.get(c), c) for c in columns] for row in rows]
+    columns = [c for c in _TABLE_COLUMNS if any(c in row for row in rows)]
+    cells = [[_format_cell(row.get(c), c) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
     lines += ["  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))
@@ -404,38 +381,106 @@ def write_eval_outputs(report: EvalReport, config: AlignPropConfig,
     return paths
 
 
-def image_grid(report: EvalReport, cell: int = 256):
-    """A PNG grid: one row per prompt, one column per model, model names on top and prompts on the left."""
-    from PIL import Image, ImageDraw, ImageFont
+def _shown_scores(names: Sequence[str]) -> list[str]:
+    """Each reward, then the weighted total when it is not simply the one reward."""
+    components = [n for n in names if n != "weighted_total"]
+    return components + (["weighted_total"] if "weighted_total" in names and len(components) > 1 else [])
+
+
+def image_grid(report: EvalReport, cell: int = 256, scores: bool = True, font_size: int = 15):
+    """A PNG grid: one row per prompt, one column per model; model names on top, each prompt and its seed on the
+    left and, with ``scores``, each image's scores under it (the difference to ``base`` in green or red). Columns
+    widen to fit the score text, so small images keep their pixels and the numbers stay readable."""
+    from PIL import Image, ImageDraw
 
     from alignprop_core.image_loggers import to_pil
 
     first = report.scores[report.models[0]].images[0]
     scale = min(1.0, cell / max(first.shape[-2:]))
     w, h = max(1, round(first.shape[-1] * scale)), max(1, round(first.shape[-2] * scale))
-    label_w, header_h, pad = 220, 28, 4
+    font, small = _font(font_size), _font(font_size - 2)
+    line, small_line, pad = font_size + 5, font_size + 3, 4
+    names = _shown_scores(["weighted_total", *report.scores[report.models[0]].components])
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def score_lines(label: str, i: int) -> list[tuple[str, str, float]]:
+        """(``name value``, ``(+delta)``, delta) for each shown score of image ``i`` of model ``label``."""
+        scored, base = report.scores[label], report.scores.get("base")
+        lines = []
+        for name in names:
+            value = (scored.total if name == "weighted_total" else scored.components[name])[i].item()
+            delta = None
+            if base is not None and label != "base":
+                delta = value - (base.total if name == "weighted_total" else base.components[name])[i].item()
+            lines.append((f"{name} {value:.4f}", "" if delta is None else f" ({delta:+.4f})", delta or 0.0))
+        return lines
+
     n, m = len(report.samples), len(report.models)
-    grid = Image.new("RGB", (label_w + m * (w + pad) + pad, header_h + n * (h + pad) + pad), "white")
+    texts = {(label, i): score_lines(label, i) for label in report.models for i in range(n)} if scores else {}
+    widest = max([_text_width(measure, a + b, small) for lines in texts.values() for a, b, _ in lines], default=0)
+    col_w = max(w, int(widest) + 2 * pad)
+    score_h = len(names) * small_line + 2 * pad if scores else 0
+    label_w, header_h, row_h = 220, line + 2 * pad, h + score_h
+    grid = Image.new("RGB", (label_w + m * (col_w + pad) + pad, header_h + n * (row_h + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default()
     for j, label in enumerate(report.models):
-        _draw_text(draw, (label_w + j * (w + pad) + pad, 8), _fit(label, w // 7), font)
+        title = _fit_px(measure, label, font, col_w)
+        x = label_w + j * (col_w + pad) + pad + (col_w - int(_text_width(measure, title, font))) // 2
+        _draw_text(draw, (x, pad), title, font)
     for i in range(n):
-        y = header_h + i * (h + pad) + pad
-        lines = _wrap(report.samples.prompts[i], 30)[:max(1, h // 14)]
-        _draw_text(draw, (pad, y + 2), "\n".join(lines), font)
+        y = header_h + i * (row_h + pad) + pad
+        room = max(1, row_h // line - 1)  # prompt lines that fit, less one for the seed
+        lines = _wrap_px(measure, report.samples.prompts[i], font, label_w - 3 * pad)
+        lines = lines[:room - 1] + [_fit_px(measure, " ".join(lines[room - 1:]), font, label_w - 3 * pad)] \
+            if len(lines) > room else lines
+        _draw_text(draw, (pad, y + 2), "\n".join(lines), font, spacing=line - font_size)
+        _draw_text(draw, (pad, y + 2 + len(lines) * line), f"seed {report.samples.seeds[i]}", small, fill=(110,) * 3)
         for j, label in enumerate(report.models):
+            x = label_w + j * (col_w + pad) + pad
             image = to_pil(report.scores[label].images[i])
-            grid.paste(image.resize((w, h)) if image.size != (w, h) else image, (label_w + j * (w + pad) + pad, y))
+            grid.paste(image.resize((w, h)) if image.size != (w, h) else image, (x + (col_w - w) // 2, y))
+            for k, (text, delta, diff) in enumerate(texts.get((label, i), [])):
+                ty = y + h + pad + k * small_line
+                _draw_text(draw, (x + pad, ty), text, small)
+                if delta:
+                    color = (26, 127, 55) if diff > 0 else (198, 40, 40) if diff < 0 else (110, 110, 110)
+                    _draw_text(draw, (x + pad + int(_text_width(measure, text, small)), ty), delta, small,
+                               fill=color)
     return grid
+
+
+_COLUMN_TITLES = {"delta_vs_base": "Δ vs base", "win_rate_vs_base": "wins vs base"}
+
+
+def score_table_html(rows: list[dict[str, Any]]) -> str:
+    """The eval rows as an HTML ``<table>`` (the columns of the printed table), each reward's best mean in bold."""
+    esc = html.escape
+    columns = [c for c in _TABLE_COLUMNS if any(c in row for row in rows)]
+    best = {}
+    for row in rows:
+        best[row["reward"]] = max(best.get(row["reward"], row["mean"]), row["mean"])
+    several = len({row["model"] for row in rows}) > 1
+    head = "".join(f'<th class="{"t" if c in ("model", "reward") else "n"}">{esc(_COLUMN_TITLES.get(c, c))}</th>'
+                   for c in columns)
+    body = []
+    for row in rows:
+        cells = []
+        for column in columns:
+            value, classes = row.get(column), ["t" if column in ("model", "reward") else "n"]
+            if column == "delta_vs_base" and value:
+                classes.append("up" if value > 0 else "down")
+            if column == "mean" and several and value == best[row["reward"]]:
+                classes.append("best")
+            cells.append(f'<td class="{" ".join(classes)}">{esc(_format_cell(value, column))}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<table class="scores"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def eval_html(report: EvalReport, per_sample: list[dict], settings: dict[str, Any]) -> str:
     """A self-contained page: the score table, then one row per prompt with each model's image and scores."""
     esc = html.escape
     names = list(per_sample[0]["scores"][report.models[0]]) if per_sample else []
-    shown = [n for n in names if n != "weighted_total"] + (["weighted_total"] if len(names) > 2 else [])
-    table = format_table(report.rows)
+    shown = _shown_scores(names)
     head = "".join(f"<th>{esc(label)}</th>" for label in report.models)
     body = []
     for sample in per_sample:
@@ -454,17 +499,28 @@ def eval_html(report: EvalReport, per_sample: list[dict], settings: dict[str, An
                          f'<div class="s">{"<br>".join(lines)}</div></td>')
         body.append(f'<tr><th class="p">{esc(sample["prompt"])}<div class="s">seed {sample["seed"]}</div></th>'
                     + "".join(cells) + "</tr>")
-    css = ("body{font-family:system-ui,sans-serif;margin:24px;color:#222}pre{background:#f4f4f4;padding:8px}"
-           "table.g{border-collapse:collapse}table.g td,table.g th{border:1px solid #ddd;padding:6px;"
-           "vertical-align:top}table.g img{width:192px;display:block}th.p{text-align:left;width:200px;"
-           "font-weight:600}.s{font-size:12px;color:#555;font-weight:normal}.up{color:#1a7f37}.down{color:#c62828}")
+    css = ("*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:24px;color:#222}"
+           "@media (max-width:560px){body{margin:10px}}.wide{overflow-x:auto;max-width:100%;margin:12px 0}"
+           "table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:4px 8px}"
+           "table.scores{font-size:14px}table.scores thead th{background:#f4f4f4}"
+           "table.scores .n{text-align:right;font-variant-numeric:tabular-nums}table.scores .t{text-align:left}"
+           "table.scores .best{font-weight:700}"
+           "table.g td,table.g th{padding:6px;vertical-align:top}table.g img{width:192px;max-width:40vw;"
+           "display:block}th.p{text-align:left;width:200px;font-weight:600;word-break:break-word}"
+           ".s{font-size:12px;color:#555;font-weight:normal}.up{color:#1a7f37}.down{color:#c62828}"
+           "nav a{margin-right:12px}")
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>alignprop eval</title>'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"<style>{css}</style></head><body><h1>alignprop eval</h1>"
             f"<p>{len(per_sample)} fixed samples (same prompt and noise for every model) from "
             f"<code>{esc(str(settings['pretrained_model']))}</code>, {settings['sample_num_steps']} "
             f"{esc(str(settings['scheduler'] or 'ddim'))} steps, "
-            f"guidance {settings['sample_guidance_scale']}, eta {settings['sample_eta']}.</p>"
-            f"<pre>{esc(table)}</pre><table class=\"g\"><tr><th>prompt</th>{head}</tr>{''.join(body)}</table>"
+            f"guidance {settings['sample_guidance_scale']}, eta {settings['sample_eta']}. "
+            "Δ vs base: mean per-sample difference; wins vs base: share of samples scoring higher than the base "
+            "model.</p>"
+            '<nav><a href="grid.png">grid.png</a><a href="eval.csv">eval.csv</a><a href="eval.json">eval.json</a>'
+            f'</nav><div class="wide">{score_table_html(report.rows)}</div>'
+            f'<div class="wide"><table class="g"><tr><th>prompt</th>{head}</tr>{"".join(body)}</table></div>'
             "</body></html>\n")
 
 
@@ -474,26 +530,32 @@ def eval_html(report: EvalReport, per_sample: list[dict], settings: dict[str, An
 def run_sample(config: AlignPropConfig, prompts: Sequence[str], *, out_dir: str | os.PathLike,
                lora: Optional[str | os.PathLike] = None, lora_scale: float = 1.0, seed: int = 0,
                num_per_prompt: int = 1, batch_size: Optional[int] = None,
-               print_fn: Callable[[str], Any] = print) -> list[Path]:
+               print_fn: Callable[[str], Any] = print, overwrite: bool = False) -> list[Path]:
     """Render ``num_per_prompt`` images per prompt (image ``j`` with seed ``seed + j``, so one image can be
-    re-made alone) from the base model plus an optional LoRA; write PNGs and ``samples.jsonl`` to ``out_dir``."""
+    re-made alone) from the base model plus an optional LoRA; write PNGs and ``samples.jsonl`` to ``out_dir``
+    (appended to). Images of the same names already there are replaced only with ``overwrite``."""
     from alignprop_core.image_loggers import to_pil
 
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
-    if num_per_prompt < 1:
-        raise ConfigError(f"--num_per_prompt: got {num_per_prompt}, allowed: an integer >= 1")
+    if isinstance(num_per_prompt, bool) or not isinstance(num_per_prompt, int) or num_per_prompt < 1:
+        raise ConfigError(f"--num_per_prompt: got {num_per_prompt!r}, allowed: an integer >= 1")
+    if not math.isfinite(lora_scale):
+        raise ConfigError(f"--lora_scale: got {lora_scale}, allowed: a finite number (1 = full strength, 0 = the "
+                          "base model)")
+    _check_batch_size(batch_size)
+    jobs = [(p, prompt, seed + j) for p, prompt in enumerate(prompts) for j in range(num_per_prompt)]
+    _check_not_used(out_dir, [_sample_name(*job) for job in jobs], overwrite)
     if lora is not None:
         check_lora_dir(lora)
     from alignprop_core.trainer import resolve_model_path
 
     resolve_model_path(config.pretrained_model)
-    out = _writable_dir(out_dir)
     device, dtype = inference_setup(config)
     pipe = load_inference_pipeline(config, device, dtype)
     height, width = image_size(config, pipe)
-    jobs = [(p, prompt, seed + j) for p, prompt in enumerate(prompts) for j in range(num_per_prompt)]
+    out = _writable_dir(out_dir)  # created only once the model has loaded
     batch_size = batch_size or config.train_batch_size
     written = []
     with lora_loaded(pipe, lora, lora_scale), open(out / "samples.jsonl", "a", encoding="utf-8") as log:
@@ -502,7 +564,7 @@ def run_sample(config: AlignPropConfig, prompts: Sequence[str], *, out_dir: str 
             images = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], config, height=height, width=width,
                               device=device, autocast=lambda: _autocast(device, dtype))
             for (p, prompt, image_seed), image in zip(batch, images):
-                file = out / f"{p:03d}-{_slug(prompt, 40)}-seed{image_seed}.png"
+                file = out / _sample_name(p, prompt, image_seed)
                 to_pil(image).save(file)
                 written.append(file)
                 log.write(json.dumps({"file": file.name, "prompt": prompt, "seed": image_seed,
@@ -515,8 +577,30 @@ def run_sample(config: AlignPropConfig, prompts: Sequence[str], *, out_dir: str 
 # ---------------------------------------------------------------------- helpers
 
 
+def _sample_name(index: int, prompt: str, seed: int) -> str:
+    return f"{index:03d}-{_slug(prompt, 40)}-seed{seed}.png"
+
+
+def _check_not_used(out_dir: str | os.PathLike, names: Sequence[str], overwrite: bool) -> Path:
+    """``out_dir`` can be created or written, and holds none of ``names`` unless ``overwrite``."""
+    out = check_output_dir(out_dir, "-o")
+    taken = [name for name in names if (out / name).exists()] if out.is_dir() and not overwrite else []
+    if taken:
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        raise ConfigError(f"-o: '{out_dir}' already holds {taken[0]}{more} from an earlier run; choose another "
+                          "folder, or pass --overwrite to replace them")
+    return out
+
+
+def _check_batch_size(batch_size: Optional[int]) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"--batch_size: got {batch_size!r}, allowed: an integer >= 1 (or leave it out for "
+                          "train_batch_size)")
+
+
 def _writable_dir(directory: str | os.PathLike) -> Path:
-    path = Path(directory)
+    """Create the output folder (checked first with :func:`check_output_dir`) and make sure it can be written."""
+    path = check_output_dir(directory, "-o")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".alignprop-write-test"
@@ -534,23 +618,60 @@ def _slug(text: str, limit: int = 40) -> str:
     return slug(text, limit)
 
 
-def _fit(text: str, chars: int) -> str:
-    return text if len(text) <= chars else text[:max(chars - 3, 1)] + "..."
+def _font(size: int) -> Any:
+    """A scalable font of ``size`` px: Pillow's own (>= 10.1), else DejaVu Sans, else the small bitmap default."""
+    from PIL import ImageFont
 
-
-def _draw_text(draw: Any, xy: tuple[int, int], text: str, font: Any) -> None:
-    """Draw text; characters the default font cannot render become '?'."""
     try:
-        draw.multiline_text(xy, text, fill="black", font=font, spacing=3)
+        return ImageFont.load_default(size=size)
+    except (TypeError, AttributeError, OSError):  # older Pillow (no size argument) or no FreeType
+        pass
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def _latin1(text: str) -> str:
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _text_width(draw: Any, text: str, font: Any) -> float:
+    try:
+        return draw.textlength(text, font=font)
+    except UnicodeError:  # the bitmap fallback font is latin-1 only
+        return draw.textlength(_latin1(text), font=font)
+
+
+def _fit_px(draw: Any, text: str, font: Any, width: int) -> str:
+    """``text`` cut (with "...") to at most ``width`` pixels."""
+    if _text_width(draw, text, font) <= width:
+        return text
+    while text and _text_width(draw, text + "...", font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _wrap_px(draw: Any, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap to lines of at most ``width`` pixels (an overlong word is cut)."""
+    lines, current = [], ""
+    for word in text.split():
+        trial = f"{current} {word}" if current else word
+        if current and _text_width(draw, trial, font) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    lines.append(current)
+    return [_fit_px(draw, line, font, width) for line in lines]
+
+
+def _draw_text(draw: Any, xy: tuple[int, int], text: str, font: Any, fill: Any = "black", spacing: int = 3) -> None:
+    """Draw text; characters the font cannot render become '?'."""
+    try:
+        draw.multiline_text(xy, text, fill=fill, font=font, spacing=spacing)
     except UnicodeError:
-        draw.multiline_text(xy, text.encode("latin-1", "replace").decode("latin-1"), fill="black", font=font,
-                            spacing=3)
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width) or [""]
+        draw.multiline_text(xy, _latin1(text), fill=fill, font=font, spacing=spacing)
 
 
 __all__ = ["SampleSet", "Scored", "EvalReport", "eval_sample_set", "draw_prompts", "eval_seeds", "read_prompts_file",

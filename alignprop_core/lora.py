@@ -20,6 +20,9 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: lis
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    if "default" in (getattr(unet, "peft_config", None) or {}):
+        raise ConfigError("the pipeline's UNet already has a LoRA adapter (another trainer added it): give each "
+                          "trainer its own freshly loaded pipeline")
     try:
         unet.add_adapter(config)
     except ValueError as exc:

@@ -20,12 +20,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from alignprop_core.errors import ConfigError
 from alignprop_core.lora import LORA_WEIGHTS_NAME
+from alignprop_core.paths import check_output_dir
 
 #: pipeline components a LoRA file can hold (SD 1.x/2.x; SDXL adds text_encoder_2)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -43,6 +44,11 @@ class LoraModule:
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    @property
+    def delta_shape(self) -> tuple[int, ...]:
+        """Shape of the weight this module changes: ``[out, in, ...]``."""
+        return (self.up.shape[0], *self.down.shape[1:])
 
     def delta(self) -> torch.Tensor:
         """The weight change this module adds (float32)."""
@@ -99,6 +105,9 @@ def read_lora(directory: str | os.PathLike) -> dict[str, dict[str, LoraModule]]:
                 raise ConfigError(f"LoRA '{directory}' has {key} but no matching lora_B/up weight")
             down = weights[key]
             rank = down.shape[0]
+            if up.dim() < 2 or up.shape[1] != rank:
+                raise ConfigError(f"LoRA '{directory}' is damaged: {component}.{name} has lora_A of rank {rank} but "
+                                  f"lora_B of shape {list(up.shape)}; re-export it or leave it out")
             if "lora_alpha" in config:
                 alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), name), config["lora_alpha"]))
             else:
@@ -108,6 +117,48 @@ def read_lora(directory: str | os.PathLike) -> dict[str, dict[str, LoraModule]]:
             modules[name] = LoraModule(down, up, scale)
         result[component] = modules
     return result
+
+
+def check_same_shapes(loras: Sequence[dict[str, dict[str, LoraModule]]], directories: Sequence[Path]) -> None:
+    """Every module adapted by several LoRAs changes a weight of the same shape in each, or a one-line error naming
+    both folders (LoRAs of different base models, e.g. SD 1.x and SDXL, differ here)."""
+    first: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for lora, directory in zip(loras, directories):
+        for component, modules in lora.items():
+            for name, module in modules.items():
+                key = f"{component}.{name}"
+                seen = first.setdefault(key, (directory, module.delta_shape))
+                if seen[1] != module.delta_shape:
+                    raise ConfigError(
+                        f"cannot mix '{seen[0]}' and '{directory}': they adapt {key} with different shapes "
+                        f"({list(seen[1])} vs {list(module.delta_shape)}), so they were trained on different base "
+                        "models (e.g. SD 1.x and SDXL); mix only LoRAs of the same base model")
+
+
+def check_lora_folder(directory: str | os.PathLike) -> Path:
+    """An existing folder (not a file, not an empty path) given as a LoRA folder."""
+    if not str(directory).strip():
+        raise ConfigError("LoRA folder: got an empty path; pass folders written by alignprop train")
+    path = Path(directory)
+    if path.is_file():
+        where = f" (pass its folder '{path.parent}')" if path.name == LORA_WEIGHTS_NAME else ""
+        raise ConfigError(f"LoRA folder '{directory}' is a file, not a folder{where}; pass the folder that holds "
+                          f"{LORA_WEIGHTS_NAME}")
+    if not path.is_dir():
+        raise ConfigError(f"LoRA folder '{directory}' does not exist; pass a folder written by alignprop train (it "
+                          f"holds {LORA_WEIGHTS_NAME})")
+    return path
+
+
+def check_mix_output(out_dir: str | os.PathLike, directories: Sequence[Path], overwrite: bool) -> Path:
+    """The output folder: creatable, not one of the inputs, and holding no LoRA unless ``overwrite``."""
+    out = check_output_dir(out_dir, "-o")
+    if any(out.resolve() == d.resolve() for d in directories):
+        raise ConfigError(f"-o: '{out_dir}' is one of the inputs; write the mix to a new folder")
+    if (out / LORA_WEIGHTS_NAME).exists() and not overwrite:
+        raise ConfigError(f"-o: '{out_dir}' already holds a LoRA ({LORA_WEIGHTS_NAME}); pass --overwrite to replace "
+                          "it, or choose another folder")
+    return out
 
 
 def mix_modules(loras: Sequence[dict[str, dict[str, LoraModule]]],
@@ -167,26 +218,30 @@ def save_modules(modules: dict[str, dict[str, LoraModule]], directory: str | os.
     return Path(directory) / LORA_WEIGHTS_NAME
 
 
+def _numbers(weights: Sequence[Any]) -> list[float]:
+    try:
+        return [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise ConfigError(f"--weights: got {list(weights)}; give one number per LoRA") from None
+
+
 def mix_loras(directories: Sequence[str | os.PathLike], weights: Optional[Sequence[float]] = None,
-              out_dir: str | os.PathLike = "alignprop-mix") -> Path:
+              out_dir: str | os.PathLike = "alignprop-mix", overwrite: bool = False) -> Path:
     """Combine the LoRAs in ``directories`` with ``weights`` (default: equal, summing to 1) into ``out_dir``, so
-    that ``pipe.load_lora_weights(out_dir)`` changes the model by ``sum_i w_i * delta_i``. Returns the file."""
-    directories = [Path(d) for d in directories]
+    that ``pipe.load_lora_weights(out_dir)`` changes the model by ``sum_i w_i * delta_i``. Returns the file.
+    A LoRA already in ``out_dir`` is replaced only with ``overwrite``; nothing is written before every check passed."""
     if not directories:
         raise ConfigError("give at least one LoRA folder to mix")
-    weights = [1.0 / len(directories)] * len(directories) if weights is None else [float(w) for w in weights]
+    weights = [1.0 / len(directories)] * len(directories) if weights is None else _numbers(weights)
     if len(weights) != len(directories):
         raise ConfigError(f"--weights: got {len(weights)} weights for {len(directories)} LoRAs; give one weight "
                           "per LoRA")
     if not all(math.isfinite(w) for w in weights) or not any(weights):
         raise ConfigError(f"--weights: got {weights}; give finite numbers, not all zero")
-    out = Path(out_dir)
-    for directory in directories:
-        if not directory.is_dir():
-            raise ConfigError(f"LoRA folder '{directory}' does not exist")
-        if out.resolve() == directory.resolve():
-            raise ConfigError(f"-o: '{out_dir}' is one of the inputs; write the mix to a new folder")
+    directories = [check_lora_folder(d) for d in directories]
+    out = check_mix_output(out_dir, directories, overwrite)
     loras = [read_lora(d) for d in directories]
+    check_same_shapes(loras, directories)
     mixed = mix_modules(loras, weights)
     out.mkdir(parents=True, exist_ok=True)
     file = save_modules(mixed, out)

@@ -12,7 +12,8 @@ from typing import Any, Callable
 import pluggy
 
 from alignprop_core import hookspecs
-from alignprop_core.errors import PluginError
+from alignprop_core.errors import PluginError, first_line
+from alignprop_core.hints import close_names
 
 ENTRY_POINT_GROUP = "alignprop"
 BUILTIN_PLUGINS = ("alignprop_core.builtin",)
@@ -37,6 +38,7 @@ pm.add_hookspecs(hookspecs)
 
 #: plugin name -> "ExcType: message" for plugins whose import or registration failed.
 failed_plugins: dict[str, str] = {}
+_warned: set[tuple[str, str]] = set()  # (plugin, what failed) already warned about in this process
 _plugin_packages: dict[str, str] = {}  # plugin name -> distribution that installed it
 _loaded = False
 
@@ -72,12 +74,19 @@ def load_plugins() -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken plugin must not break the others
-            failed_plugins[ep.name] = f"{type(exc).__name__}: {exc}"
-            print(f"warning: alignprop plugin '{ep.name}' failed to load: {failed_plugins[ep.name]}", file=sys.stderr)
+            _record_failure(ep.name, "failed to load", exc)
             continue
         pm.register(plugin, name=ep.name)
         if ep.dist is not None:
             _plugin_packages[ep.name] = ep.dist.name
+
+
+def _record_failure(plugin: str, what: str, exc: Exception) -> None:
+    """Remember a plugin's failure in :data:`failed_plugins` and warn about it once, in one stderr line."""
+    failed_plugins[plugin] = f"{type(exc).__name__}: {first_line(exc)}"
+    if (plugin, what) not in _warned:
+        _warned.add((plugin, what))
+        print(f"warning: alignprop plugin '{plugin}' {what}: {failed_plugins[plugin]}", file=sys.stderr)
 
 
 def reset() -> None:
@@ -86,6 +95,7 @@ def reset() -> None:
     for name, _plugin in list(pm.list_name_plugin()):
         pm.unregister(name=name)
     failed_plugins.clear()
+    _warned.clear()
     _plugin_packages.clear()
     _loaded = False
 
@@ -112,8 +122,8 @@ def registrations(kind: str) -> dict[str, Registration]:
             impl.function(register=register)
         except PluginError:
             raise
-        except Exception as exc:
-            failed_plugins[plugin] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # a hook that raises: its plugin's names are missing, the others still work
+            _record_failure(plugin, f"failed in {hook_name}", exc)
     return found
 
 
@@ -124,9 +134,15 @@ def get(kind: str, name: str) -> Registration:
         return found[name]
     plural = KINDS[kind][1]
     message = f"unknown {kind} '{name}'; installed {plural}: {', '.join(sorted(found)) or '(none)'}"
-    if kind == "reward" and name in KNOWN_REWARD_PACKAGES:
-        package = KNOWN_REWARD_PACKAGES[name]
-        message += f". '{name}' is provided by {package}: pip install {package}"
+    known = KNOWN_REWARD_PACKAGES if kind == "reward" else {}
+    if name in known:
+        message += f". '{name}' is provided by {known[name]}: pip install {known[name]}"
+    else:
+        close = close_names(str(name), list(found) + [n for n in known if n not in found])
+        if close:
+            message += "; did you mean " + " or ".join(f"'{n}'" for n in close) + "?"
+        if close and close[0] not in found:
+            message += f" It is provided by {known[close[0]]}: pip install {known[close[0]]}"
     if failed_plugins:
         message += "; plugins that failed to load: " + ", ".join(f"{p} ({e})" for p, e in failed_plugins.items())
     raise PluginError(message)
@@ -139,7 +155,8 @@ def build(kind: str, name: str, options: dict[str, Any] | None = None, **context
     try:
         inspect.signature(registration.factory).bind(**kwargs)
     except TypeError as exc:
-        raise PluginError(f"{kind} '{name}' does not accept options {options or {}} ({exc}); fix its 'options'") from exc
+        raise PluginError(f"{kind} '{name}' does not accept options {options or {}} ({exc}); "
+                          "fix its 'options'") from exc
     except ValueError:  # no signature available (some builtins): just call it
         pass
     return registration.factory(**kwargs)

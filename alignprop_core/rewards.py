@@ -6,7 +6,9 @@ from typing import Any, Callable
 
 import torch
 
+from alignprop_core import options
 from alignprop_core.errors import PluginError
+from alignprop_core.options import looks_like_path  # noqa: F401  (re-exported for the reward plugins)
 
 RewardFn = Callable[[torch.Tensor, list, list], Any]
 
@@ -18,25 +20,16 @@ DTYPES = {
 }
 
 
-def parse_dtype(dtype: str | None, reward_name: str) -> torch.dtype:
+def parse_dtype(dtype: Any, reward_name: str) -> torch.dtype:
     """A reward's ``dtype`` option as a torch dtype (default float32), or a one-line error naming the reward."""
     if dtype is None:
         return torch.float32
-    key = str(dtype).replace("torch.", "").lower()
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype)
+    key = dtype.replace("torch.", "").lower() if isinstance(dtype, str) else None
     if key not in DTYPES:
-        raise PluginError(f"{reward_name}: unknown dtype '{dtype}'; use float32, float16 or bfloat16")
+        raise options.invalid(f"reward '{reward_name}'", "dtype", dtype, "one of float32, float16, bfloat16 (or null)")
     return DTYPES[key]
-
-
-def looks_like_path(value: str) -> bool:
-    """True for things only a local path can be: hub ids are ``owner/name`` (or a bare ``name``)."""
-    return (
-        value.startswith(("/", ".", "~"))
-        or "\\" in value
-        or value.count("/") > 1
-        or value.lower().endswith((".pth", ".pt", ".bin", ".safetensors", ".json"))
-    )
-
 
 
 class Saturation(torch.nn.Module):
@@ -44,7 +37,7 @@ class Saturation(torch.nn.Module):
 
     def __init__(self, eps: float = 1e-3):
         super().__init__()
-        self.eps = eps
+        self.eps = options.number("reward 'saturation'", "eps", eps, minimum=0, exclusive_minimum=True)
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         high = images.amax(dim=1)

@@ -130,6 +130,32 @@ def build_tiny_sdxl_pipeline(path: str | os.PathLike, seed: int = 0, sample_size
     return Path(path)
 
 
+#: family -> (name in messages, builder)
+TINY_FAMILIES = {"sd": ("SD-1.x", build_tiny_pipeline), "sdxl": ("SDXL", build_tiny_sdxl_pipeline)}
+
+
+def check_tiny_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A folder the tiny pipeline may be written to: new or empty, or any folder with ``overwrite``."""
+    from alignprop_core.errors import ConfigError
+    from alignprop_core.paths import check_output_dir
+
+    folder = check_output_dir(path, "tiny-pipeline PATH")
+    if folder.is_dir() and not overwrite and any(folder.iterdir()):
+        raise ConfigError(f"tiny-pipeline PATH: folder '{path}' is not empty; choose a new or empty folder, or pass "
+                          "--overwrite to write the pipeline files into it")
+    return folder
+
+
+def build_tiny(path: str | os.PathLike, family: str = "sd", overwrite: bool = False) -> Path:
+    """Check ``path`` (see :func:`check_tiny_target`), then build the tiny ``family`` ("sd"/"sdxl") pipeline in it."""
+    from alignprop_core.errors import ConfigError
+
+    if family not in TINY_FAMILIES:
+        raise ConfigError(f"family: got {family!r}, allowed: one of {', '.join(TINY_FAMILIES)}")
+    folder = check_tiny_target(path, overwrite)
+    return TINY_FAMILIES[family][1](folder)
+
+
 def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None, kind: str = "sd") -> Path:
     """Folder of the shared tiny pipeline (``kind`` "sd": ``alignprop:tiny-sd``; "sdxl": ``alignprop:tiny-sdxl``),
     building it on first use.
@@ -137,7 +163,7 @@ def tiny_pipeline_path(cache_dir: str | os.PathLike | None = None, kind: str = "
     Cached under ``$ALIGNPROP_CACHE`` (default ``~/.cache/alignprop``); built into a temporary folder and renamed,
     so an interrupted build is never picked up.
     """
-    builders = {"sd": build_tiny_pipeline, "sdxl": build_tiny_sdxl_pipeline}
+    builders = {name: builder for name, (_, builder) in TINY_FAMILIES.items()}
     root = Path(cache_dir or os.environ.get("ALIGNPROP_CACHE") or Path.home() / ".cache" / "alignprop")
     path = root / f"tiny-{kind}-v{TINY_VERSION}"
     if (path / "model_index.json").is_file():

@@ -103,11 +103,13 @@ class AlignPropTrainer:
     def __init__(self, config: Optional[AlignPropConfig] = None, reward_function: Optional[Callable] = None,
                  prompt_function: Optional[Callable] = None, sd_pipeline: Any = None,
                  image_samples_hook: Optional[Callable] = None):
-        # A copy: TRL scripts build several trainers from one config, and validate() resolves TRL spellings in place.
-        config = copy.deepcopy(config) if config is not None else AlignPropConfig()
+        # The caller's config, as in TRL: validate() maps TRL's spellings in place, so e.g. a project_dir set after
+        # construction shows as config.output_dir. use_lora stays the config's: a TRL pipeline wrapper decides it
+        # per trainer (TRL's tests build two trainers with one config).
+        config = config if config is not None else AlignPropConfig()
         pipe, self.use_lora = _unwrap_pipeline(sd_pipeline, config.use_lora)
-        config.use_lora = self.use_lora
         self.config = config = config.validate()
+        self._output_ready = False
         self.output_dir = Path(config.output_dir)
 
         # Everything that can be wrong with names, paths and folders is checked before any model is loaded.
@@ -187,15 +189,7 @@ class AlignPropTrainer:
         config, accelerator = self.config, self.accelerator
         total = config.num_epochs if epochs is None else int(epochs)
         result = TrainingResult(self.state.global_step, self.output_dir)
-        if self._reward_problem is not None:  # the constructor only warned (TRL compatibility); nothing written yet
-            raise self._reward_problem
-        if accelerator.is_main_process:
-            if self.resume_dir is None and config.overwrite_output_dir:  # explicitly asked to replace a run
-                checkpoints.clear_run(self.output_dir)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            checkpoints.remove_stale_temporaries(self.output_dir)
-            checkpoints.truncate_metrics(self.output_dir, self.state.global_step)
-            (self.output_dir / CONFIG_NAME).write_text(config.to_yaml())
+        self._prepare_output_dir()
         with _StopSignals() as stop:
             if config.eval_num_samples:
                 result.eval_before = self._evaluate_and_log("before")
@@ -227,8 +221,32 @@ class AlignPropTrainer:
 
     def step(self, epoch: int, global_step: int) -> int:
         """TRL's ``step``: one optimizer step (logged, checkpointed when due); returns ``global_step + 1``."""
+        self._prepare_output_dir()
         self._run_step(self.config.num_epochs)
         return global_step + 1
+
+    def _prepare_output_dir(self) -> None:
+        """Before the first step (of ``train()`` or TRL's ``step()``): refuse a reward function that the constructor
+        only warned about, then create ``output_dir`` (replacing an earlier run only with ``overwrite_output_dir``),
+        drop stale temporaries and metrics rows past the resumed step, and write the run's config."""
+        if self._reward_problem is not None:  # the constructor only warned (TRL compatibility); nothing written yet
+            raise self._reward_problem
+        if self._output_ready:
+            return
+        if self.accelerator.is_main_process:
+            if self.resume_dir is None and self.config.overwrite_output_dir:  # explicitly asked to replace a run
+                checkpoints.clear_run(self.output_dir)
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            checkpoints.remove_stale_temporaries(self.output_dir)
+            checkpoints.truncate_metrics(self.output_dir, self.state.global_step)
+            (self.output_dir / CONFIG_NAME).write_text(self._config_yaml())
+        self._output_ready = True
+
+    def _config_yaml(self) -> str:
+        """The run's config as YAML, with the ``use_lora`` this trainer actually uses (a TRL wrapper may decide)."""
+        run_config = copy.copy(self.config)
+        run_config.use_lora = self.use_lora
+        return run_config.to_yaml()
 
     def _run_step(self, total: int) -> dict[str, float]:
         """One optimizer step, then its bookkeeping: log, stop on too many non-finite steps, checkpoint when due."""
@@ -281,7 +299,8 @@ class AlignPropTrainer:
         self.state.nonfinite_in_a_row = self.state.nonfinite_in_a_row + 1 if nonfinite else 0
         total = torch.cat(totals).float()
         # the loss over all processes' samples (each process's own loss only covers its share of the batch)
-        metrics = {"reward_mean": total.mean().item(), "reward_std": _std(total), "loss": -total.mean().item(),
+        metrics = {"reward_mean": total.mean().item(), "reward_std": _std(total),
+                   "loss": self.calculate_loss(total).item(),
                    "grad_norm": grad_norm, "k": sum(ks) / len(ks), "step_time": time.perf_counter() - start,
                    "lr": self.optimizer.param_groups[0]["lr"], "skipped_nonfinite": float(nonfinite),
                    "nonfinite_steps": float(self.state.nonfinite_total)}
@@ -478,7 +497,7 @@ class AlignPropTrainer:
                     save_lora(unet, staging, self.family)
                 else:
                     save_full_unet(unet, staging)
-                (staging / CONFIG_NAME).write_text(self.config.to_yaml())
+                (staging / CONFIG_NAME).write_text(self._config_yaml())
                 for item in staging.iterdir():  # each file appears complete or not at all
                     target = directory / item.name
                     if item.is_dir() and target.is_dir():

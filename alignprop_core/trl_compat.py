@@ -65,8 +65,15 @@ class DefaultDDPOStableDiffusionPipeline:
         self.sd_pipeline.set_progress_bar_config(*args, **kwargs)
 
     def save_pretrained(self, output_dir: str) -> None:
-        """The whole diffusers pipeline (with its current weights) to ``output_dir``."""
-        self.sd_pipeline.save_pretrained(output_dir)
+        """Without LoRA: the whole diffusers pipeline (trained UNet included) to ``output_dir``. With LoRA: the LoRA
+        (``pytorch_lora_weights.safetensors``, load it with ``load_lora_weights``) and not the pipeline, whose UNet
+        now holds peft layers that ``from_pretrained`` would not read back (TRL wrote that broken pipeline)."""
+        from alignprop_core.lora import save_lora
+
+        if getattr(self.sd_pipeline.unet, "peft_config", None):
+            save_lora(self.sd_pipeline.unet, output_dir)
+        else:
+            self.sd_pipeline.save_pretrained(output_dir)
 
 
 def aesthetic_scorer(hub_model_id: str = "trl-lib/ddpo-aesthetic-predictor",

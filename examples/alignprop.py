@@ -4,10 +4,13 @@
     python examples/alignprop.py --preset sd15-aesthetic       # the real run: SD 1.5 + aesthetic (GPU, hub)
     python examples/alignprop.py --num_epochs 20 --train_gradient_accumulation_steps 4 --sample_num_steps 50
 
-What changed from the TRL script: the config fields are the same (any ``--field value``); the aesthetic scorer
-is the ``alignprop-reward-aesthetic`` plugin selected by name instead of code pasted into the script; the trainer
-loads the pipeline itself (no ``DefaultDDPOStableDiffusionPipeline``); the prompt function and image hook below are
-passed exactly as in TRL. The LoRA lands in ``output_dir`` and loads with ``pipe.load_lora_weights(output_dir)``.
+TRL's original script also runs with only its imports changed: ``alignprop_core.trl_compat`` provides
+``AlignPropConfig``, ``AlignPropTrainer``, ``DefaultDDPOStableDiffusionPipeline`` and ``aesthetic_scorer``
+(docs/trl-migration.md lists the caveats). This version is written the alignprop way instead: the config fields
+are TRL's (any ``--field value``; ``--pretrained_model`` and ``--use_lora`` are fields too); the aesthetic scorer
+is the ``alignprop-reward-aesthetic`` plugin selected by name; the trainer loads the pipeline itself from
+``pretrained_model``, so no pipeline wrapper is needed; the prompt function and image hook below are passed as in
+TRL. The LoRA lands in ``output_dir`` and loads with ``pipe.load_lora_weights(output_dir)``.
 """
 
 import random

@@ -76,3 +76,57 @@ def test_example_script_runs_with_defaults(tmp_path):
                             env={**os.environ, "ALIGNPROP_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_version():
+    from alignprop_core import __version__
+
+    result = alignprop("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"alignprop {__version__}"
+
+
+def test_config_write_refuses_to_overwrite_unless_asked(tmp_path):
+    out = tmp_path / "run.yaml"
+    out.write_text("my notes\n")
+    refused = alignprop("config", "--num_epochs", "3", "--write", str(out))
+    assert refused.returncode == 2 and "pass --overwrite to replace it" in refused.stderr
+    assert out.read_text() == "my notes\n"
+    replaced = alignprop("config", "--num_epochs", "3", "--write", str(out), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "num_epochs: 3" in out.read_text() and sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]
+
+
+def test_misspelled_flags_get_a_hint():
+    from alignprop_core.hints import close_names
+
+    options = ["--train_learning_rate", "--train_batch_size", "--num_epochs", "--write", "--width", "--seed"]
+    assert close_names("--learning_rate", options) == ["--train_learning_rate"]
+    assert close_names("--Train-Batch-Size", options) == ["--train_batch_size"]
+    assert close_names("--wirte", options) == ["--write"]
+    assert close_names("--epochs", options) == ["--num_epochs"]
+    assert close_names("--zzz", options) == []
+
+
+def test_tiny_pipeline_family_and_overwrite(tmp_path):
+    from alignprop_core.cli import main
+
+    assert main(["tiny-pipeline", str(tmp_path / "xl"), "--family", "sdxl"]) == 0
+    assert '"StableDiffusionXLPipeline"' in (tmp_path / "xl" / "model_index.json").read_text()
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "notes.txt").write_text("keep me")
+    assert main(["tiny-pipeline", str(tmp_path / "sd")]) == 2  # not empty: refused
+    assert main(["tiny-pipeline", str(tmp_path / "sd"), "--sdxl", "--overwrite"]) == 0  # --sdxl: the old spelling
+    assert '"StableDiffusionXLPipeline"' in (tmp_path / "sd" / "model_index.json").read_text()
+    assert (tmp_path / "sd" / "notes.txt").read_text() == "keep me"
+
+
+def test_library_progress_bars_only_with_verbose(tiny_sd_path, tmp_path):
+    """diffusers' "Loading pipeline components..." and transformers' "Loading weights" bars are hidden by default."""
+    args = ["sample", "--pretrained_model", str(tiny_sd_path), "--mixed_precision", "no", "--sample_num_steps", "1",
+            "--prompt", "a cat"]
+    quiet = alignprop(*args, "-o", str(tmp_path / "quiet"), env={"HF_HUB_DISABLE_PROGRESS_BARS": ""})
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "Loading" not in quiet.stderr and "it/s" not in quiet.stderr, quiet.stderr
+    verbose = alignprop("-v", *args, "-o", str(tmp_path / "verbose"), env={"HF_HUB_DISABLE_PROGRESS_BARS": ""})
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    assert "Loading pipeline components" in verbose.stderr and "Loading weights" in verbose.stderr

@@ -10,7 +10,7 @@ from PIL import Image
 
 from alignprop_core import AlignPropTrainer
 from alignprop_core.errors import ConfigError
-from alignprop_core.evaluate import run_eval, run_sample
+from alignprop_core.evaluate import image_grid, run_eval, run_sample
 from alignprop_core.lora import LORA_WEIGHTS_NAME
 
 
@@ -74,9 +74,11 @@ def test_eval_scores_base_and_loras_on_the_same_prompts_and_noise(trained, capsy
     assert document["samples"][0]["scores"]["tuned"]["saturation"] == pytest.approx(
         report.scores["tuned"].components["saturation"][0].item())
 
-    # grid: a row per prompt, a column per model (128 px images, 220 px label column, 28 px header, 4 px gaps)
+    # grid: a row per prompt, a column per model (128 px images, 220 px label column, 4 px gaps), each image's
+    # scores under it (taller than the images alone)
     grid = Image.open(out / "grid.png")
-    assert grid.size == (220 + 3 * 132 + 4, 28 + 3 * 132 + 4)
+    assert grid.size[0] >= 220 + 3 * 132 + 4 and grid.size[1] > 3 * 132 + 4
+    assert grid.size[1] > image_grid(report, scores=False).size[1] + 3 * 3 * 13
     # the gallery shows every model's image of every prompt, and only files that exist
     parser = Images()
     parser.feed((out / "index.html").read_text())
@@ -149,7 +151,145 @@ def test_sample_command_line(trained, tmp_path):
     assert main(["sample", "--pretrained_model", config.pretrained_model, "-o", str(tmp_path / "none")]) == 2
 
 
+def synthetic_report(out, models=("base", "tuned"), size=32):
+    """An EvalReport built from random images and scores (no pipeline): for the page and grid writers."""
+    from alignprop_core import AlignPropConfig
+    from alignprop_core.evaluate import EvalReport, SampleSet, Scored, table_rows
+
+    config = AlignPropConfig(rewards=["saturation:1", "contrast:0.5"])
+    generator = torch.Generator().manual_seed(0)
+    samples = SampleSet(["a red fox in the snow, highly detailed, golden hour light", "a <b>blue</b> bird"],
+                        [{}, {}], [11, 12])
+    scores = {}
+    for model in models:
+        saturation, contrast = torch.rand(2, generator=generator), torch.rand(2, generator=generator)
+        scores[model] = Scored(saturation + 0.5 * contrast, {"saturation": saturation, "contrast": contrast},
+                               torch.rand(2, 3, size, size, generator=generator))
+    return EvalReport(list(models), samples, scores, table_rows(scores, config), out), config
+
+
+class Tables(HTMLParser):
+    """Every <table>'s class and its rows of cell texts; also notes any <pre>."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.pre, self._cell = [], False, None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "pre":
+            self.pre = True
+        elif tag == "table":
+            self.tables.append((dict(attrs).get("class"), []))
+        elif tag == "tr" and self.tables:
+            self.tables[-1][1].append([])
+        elif tag in ("td", "th") and self.tables:
+            self._cell = ""
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1][1][-1].append(self._cell.strip())
+            self._cell = None
+
+
+def test_eval_page_has_a_real_score_table(tmp_path):
+    from alignprop_core.evaluate import write_eval_outputs
+
+    report, config = synthetic_report(tmp_path)
+    files = write_eval_outputs(report, config, {"base": None, "tuned": "/runs/tuned"})
+    parser = Tables()
+    parser.feed(files["html"].read_text())
+    assert not parser.pre  # the table is a table, not preformatted text
+    (rows,) = [rows for cls, rows in parser.tables if cls == "scores"]
+    assert rows[0] == ["model", "reward", "mean", "std", "min", "max", "Δ vs base", "wins vs base"]
+    assert len(rows) == 1 + len(report.rows)
+    for cells, row in zip(rows[1:], report.rows):
+        assert cells[:6] == [row["model"], row["reward"], f"{row['mean']:.4f}", f"{row['std']:.4f}",
+                             f"{row['min']:.4f}", f"{row['max']:.4f}"]
+        assert cells[6] == f"{row['delta_vs_base']:+.4f}"
+        assert cells[7] == ("-" if row["win_rate_vs_base"] is None else f"{100 * row['win_rate_vs_base']:.0f}%")
+    text = files["html"].read_text()
+    assert "a &lt;b&gt;blue&lt;/b&gt; bird" in text and 'href="grid.png"' in text
+    assert 'name="viewport"' in text and "overflow-x:auto" in text  # wide tables scroll in a narrow window
+
+
+def test_eval_grid_shows_each_images_scores_in_a_readable_font(tmp_path):
+    import numpy as np
+
+    from alignprop_core.evaluate import image_grid, write_eval_outputs
+
+    report, config = synthetic_report(tmp_path)
+    write_eval_outputs(report, config, {"base": None, "tuned": None})
+    grid = Image.open(tmp_path / "grid.png").convert("RGB")
+    bare = image_grid(report, scores=False)
+    assert grid.size[1] >= bare.size[1] + 2 * 3 * 15  # three score lines under each row of images
+    pixels = np.asarray(grid).astype(int)
+    # under the first image of each model: dark text where the bare grid has none
+    dark = (pixels.max(axis=2) < 100)
+    header = dark[:30]
+    rows = np.where(header.any(axis=1))[0]
+    assert rows.max() - rows.min() >= 10  # model names ~11 px tall (Pillow's 10 px default font: 8 px)
+    first_row_bottom = 30 + 4 + 32  # header, gap, image
+    band = dark[first_row_bottom:first_row_bottom + 3 * 18, 220:]
+    assert band.sum() > 200
+    # the difference to the base in colour: green where better, red where worse
+    green = (pixels[..., 1] > 100) & (pixels[..., 0] < 80) & (pixels[..., 2] < 110)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80)
+    assert green.sum() + red.sum() > 50
+    bare_pixels = np.asarray(bare).astype(int)
+    assert (bare_pixels[first_row_bottom:first_row_bottom + 3 * 18, 220:].max(axis=2) < 100).sum() < band.sum() / 4
+
+
 def pixel_difference(a, b):
     import numpy as np
 
     return int(np.abs(np.asarray(Image.open(a), dtype=int) - np.asarray(Image.open(b), dtype=int)).max())
+
+
+def test_eval_and_sample_create_no_folder_when_loading_fails(trained, tmp_path, monkeypatch):
+    import alignprop_core.evaluate as evaluate
+
+    config, result, _, _ = trained
+
+    def fail(*args):
+        raise ConfigError("cannot load this model")
+
+    monkeypatch.setattr(evaluate, "load_inference_pipeline", fail)
+    with pytest.raises(ConfigError, match="cannot load"):
+        run_eval(config, [result.lora_dir], out_dir=tmp_path / "report" / "deep")
+    with pytest.raises(ConfigError, match="cannot load"):
+        run_sample(config, ["a cat"], out_dir=tmp_path / "samples")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prompts_files_with_a_byte_order_mark_or_bad_records(tmp_path):
+    from alignprop_core.evaluate import read_prompts_file
+
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red fox\na cat\n".encode("utf-8"))
+    assert read_prompts_file(tmp_path / "bom.txt")[0] == ["a red fox", "a cat"]
+    (tmp_path / "meta.jsonl").write_text('{"prompt": "a fox", "metadata": 3}\n')
+    with pytest.raises(ConfigError, match=r"meta.jsonl:1: 'metadata' must be a JSON object, got 3"):
+        read_prompts_file(tmp_path / "meta.jsonl")
+    (tmp_path / "gap.jsonl").write_text('{"prompt": "a fox"}\n\n{"prompt": ""}\n')
+    with pytest.raises(ConfigError, match=r"gap.jsonl:3: 'prompt' must be a non-empty string"):  # real line numbers
+        read_prompts_file(tmp_path / "gap.jsonl")
+
+
+def test_sample_and_eval_replace_earlier_outputs_only_when_asked(trained, tmp_path):
+    config, result, _, _ = trained
+    first = run_sample(config, ["a cat"], out_dir=tmp_path / "s", lora=result.lora_dir)
+    with_lora = first[0].read_bytes()
+    with pytest.raises(ConfigError, match="already holds 000-a_cat-seed0.png from an earlier run"):
+        run_sample(config, ["a cat"], out_dir=tmp_path / "s")
+    assert first[0].read_bytes() == with_lora
+    run_sample(config, ["a cat"], out_dir=tmp_path / "s", seed=1)  # other names: nothing is replaced
+    assert run_sample(config, ["a cat"], out_dir=tmp_path / "s", overwrite=True) == first
+    assert first[0].read_bytes() != with_lora  # the base model's image replaced the LoRA's
+    assert len((tmp_path / "s" / "samples.jsonl").read_text().splitlines()) == 3
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "eval.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds eval.json"):
+        run_eval(config, [], out_dir=tmp_path / "e")

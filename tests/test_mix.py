@@ -140,3 +140,41 @@ def test_mix_command_line_and_errors(two_loras, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="is one of the inputs"):
         mix_loras([a, b], None, a)
+
+
+def test_an_sd_and_an_sdxl_lora_do_not_mix(two_loras, tmp_path):
+    """Their shared modules (the mid block's cross-attention) take inputs of different widths."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from alignprop_core.lora import add_lora, save_lora
+    from alignprop_core.tiny import build_tiny_sdxl_pipeline
+
+    unet = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl_pipeline(tmp_path / "xl"),
+                                                     local_files_only=True).unet
+    add_lora(unet, 2, 2.0, ["to_q", "to_k", "to_v", "to_out.0"])
+    save_lora(unet, tmp_path / "xl-lora", family="sdxl")
+    a, _ = two_loras
+    with pytest.raises(ConfigError, match=rf"cannot mix '{a}' and '{tmp_path / 'xl-lora'}': they adapt "
+                       r"unet\.mid_block\.attentions\.0\.transformer_blocks\.0\.attn2\.to_k with different shapes "
+                       r"\(\[64, 32\] vs \[64, 64\]\)"):
+        mix_loras([a, tmp_path / "xl-lora"], None, tmp_path / "mix")
+    assert not (tmp_path / "mix").exists()
+
+
+def test_mix_overwrites_a_lora_only_when_asked(two_loras, tmp_path, capsys):
+    from alignprop_core.cli import main
+
+    a, b = two_loras
+    out = tmp_path / "soup"
+    assert main(["mix", str(a), str(b), "-o", str(out)]) == 0
+    first = (out / LORA_WEIGHTS_NAME).read_bytes()
+    assert main(["mix", str(a), str(b), "--weights", "1", "0", "-o", str(out)]) == 2
+    assert "already holds a LoRA" in capsys.readouterr().err
+    assert (out / LORA_WEIGHTS_NAME).read_bytes() == first
+    assert main(["mix", str(a), str(b), "--weights", "1", "0", "-o", str(out), "--overwrite"]) == 0
+    assert (out / LORA_WEIGHTS_NAME).read_bytes() != first
+    assert json.loads((out / "alignprop_mix.json").read_text())["weights"] == [1.0, 0.0]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("mine")
+    assert main(["mix", str(a), "-o", str(tmp_path / "notes")]) == 0  # a folder without a LoRA is fine
+    assert (tmp_path / "notes" / "readme.txt").read_text() == "mine"

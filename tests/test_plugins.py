@@ -1,6 +1,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,3 +121,184 @@ def test_plugin_that_fails_to_import_is_reported_and_does_not_break_others(tmp_p
     assert cli.returncode == 0
     assert "failed to load: plugin 'broken': ImportError: needs libfoo" in cli.stdout
     assert "saturation" in cli.stdout
+
+
+# ---------------------------------------------------------------------------------------- option checks
+
+
+def one_line_plugin_error(call, *parts):
+    """``call()`` raises a one-line PluginError containing every one of ``parts``; returns the message."""
+    with pytest.raises(PluginError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for part in parts:
+        assert part in message, (part, message)
+    return message
+
+
+@pytest.mark.parametrize("eps, shown", [("abc", "'abc'"), (float("nan"), "nan"), (float("inf"), "inf"), (0, "0"),
+                                        (-1e-3, "-0.001"), ("", "''"), (True, "True (a bool)"), ([1], "[1] (a list)")])
+def test_saturation_eps_of_the_wrong_type_or_range_is_one_line(eps, shown):
+    one_line_plugin_error(lambda: plugins.build("reward", "saturation", {"eps": eps}),
+                          "reward 'saturation': option 'eps' must be a number > 0, got " + shown)
+
+
+def test_saturation_eps_accepts_numbers_and_numeric_strings():
+    assert plugins.build("reward", "saturation", {"eps": 0.01}).eps == 0.01
+    assert plugins.build("reward", "saturation", {"eps": "1e-3"}).eps == 1e-3  # PyYAML reads 1e-3 as a string
+    assert plugins.build("reward", "saturation", {"eps": 1}).eps == 1.0
+
+
+def test_parse_dtype_rejects_non_strings_in_one_line():
+    from alignprop_core.rewards import parse_dtype
+
+    assert parse_dtype("bf16", "x") == torch.bfloat16 and parse_dtype(None, "x") == torch.float32
+    assert parse_dtype(torch.float16, "x") == torch.float16
+    for bad in (16, True, ["fp16"], "fp8", ""):
+        one_line_plugin_error(lambda: parse_dtype(bad, "aesthetic"), "reward 'aesthetic': option 'dtype' must be "
+                              "one of float32, float16, bfloat16 (or null), got")
+
+
+def test_option_number_checks():
+    from alignprop_core import options
+
+    owner = "reward 'r'"
+    assert options.number(owner, "n", "3", integer=True, minimum=0, maximum=20) == 3
+    assert options.number(owner, "n", 4.0, integer=True) == 4
+    assert options.number(owner, "x", None, optional=True) is None
+    one_line_plugin_error(lambda: options.number(owner, "n", 2.5, integer=True, minimum=0, maximum=20),
+                          "reward 'r': option 'n' must be an integer in [0, 20], got 2.5")
+    one_line_plugin_error(lambda: options.number(owner, "x", "-inf", minimum=-1, maximum=1, optional=True),
+                          "option 'x' must be a number in [-1, 1] (or null), got '-inf'")
+    one_line_plugin_error(lambda: options.number(owner, "x", None), "must be a finite number, got None")
+    one_line_plugin_error(lambda: options.number(owner, "x", 0, minimum=0, exclusive_minimum=True), "a number > 0")
+    one_line_plugin_error(lambda: options.number(owner, "x", -1, minimum=0), "a number >= 0, got -1")
+
+
+def test_option_choice_string_and_describe():
+    from alignprop_core import options
+
+    assert options.choice("reward 'r'", "v", "b", ("a", "b")) == "b"
+    one_line_plugin_error(lambda: options.choice("reward 'r'", "v", 2.1, ("v2", "v2.1")),
+                          "reward 'r': option 'v' must be one of v2, v2.1, got 2.1")
+    one_line_plugin_error(lambda: options.string("reward 'r'", "s", "  "), "option 's' must be a non-empty string")
+    assert options.describe("x" * 200) == "'" + "x" * 76 + "..."
+    assert options.describe({"a": 1}) == "{'a': 1} (a dict)" and options.describe(3) == "3"
+
+
+def test_option_paths_say_missing_folder_file_and_binary(tmp_path):
+    from alignprop_core import options
+
+    owner, allowed = "reward 'r'", "a local weights file"
+    folder, text, binary = tmp_path / "folder", tmp_path / "ok.txt", tmp_path / "data.bin"
+    folder.mkdir()
+    text.write_text("hello\n")
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\x00")
+    assert options.path(owner, "w", str(text)) == text
+    assert options.path(owner, "w", None, optional=True) is None
+    one_line_plugin_error(lambda: options.path(owner, "w", 123, allowed=allowed),
+                          "reward 'r': option 'w' must be a local weights file, got 123")
+    one_line_plugin_error(lambda: options.path(owner, "w", str(tmp_path / "nope"), what="weights file",
+                                               allowed=allowed),
+                          f"reward 'r': weights file '{tmp_path / 'nope'}' does not exist; set the 'w' option to "
+                          "a local weights file")
+    one_line_plugin_error(lambda: options.path(owner, "w", str(folder), allowed=allowed), "is a folder, not a file")
+    one_line_plugin_error(lambda: options.path(owner, "w", "two\nlines", allowed=allowed), "got 'two\\nlines'")
+    one_line_plugin_error(lambda: options.path(owner, "w", str(text), kind="folder"), "is a file, not a folder")
+    assert options.read_text(owner, "w", text) == "hello\n"
+    one_line_plugin_error(lambda: options.read_text(owner, "w", binary), f"'{binary}' is a binary file, not text")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    one_line_plugin_error(lambda: options.read_text(owner, "w", tmp_path / "latin1.txt"),
+                          "is not UTF-8 text (byte 0xe9 at offset 3); set the 'w' option to a UTF-8 text file")
+
+
+def test_option_folder_or_hub_id(tmp_path):
+    from alignprop_core import options
+
+    owner = "reward 'r'"
+    assert options.folder_or_hub_id(owner, "m", "owner/name") == "owner/name"
+    assert options.folder_or_hub_id(owner, "m", str(tmp_path)) == str(tmp_path)
+    (tmp_path / "f.bin").write_bytes(b"x")
+    one_line_plugin_error(lambda: options.folder_or_hub_id(owner, "m", str(tmp_path / "f.bin")),
+                          "is a file, not a folder; set the 'm' option to")
+    one_line_plugin_error(lambda: options.folder_or_hub_id(owner, "m", "./missing"), "'./missing' does not exist")
+    one_line_plugin_error(lambda: options.folder_or_hub_id(owner, "m", "not a hub id"),
+                          "got 'not a hub id' (neither an existing folder nor a valid hub id)")
+    one_line_plugin_error(lambda: options.folder_or_hub_id(owner, "m", 7), "option 'm' must be a hub id")
+
+
+def test_bad_reward_option_on_the_command_line_is_one_line_and_creates_nothing(tiny_sd_path, tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "alignprop_core", "train", "--pretrained_model", str(tiny_sd_path), "--output_dir",
+         str(out), "--mixed_precision", "no", "--rewards", "[{name: saturation, options: {eps: abc}}]"],
+        capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == ["error: reward 'saturation': option 'eps' must be a number > 0, "
+                                                  "got 'abc'"]
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------- CPU torchvision hook
+
+
+def test_torchvision_hook_check_reports_this_venv():
+    """The check, run as the README says, in a subprocess: it must agree with what importing torchvision does here."""
+    import importlib.machinery
+
+    check = subprocess.run([sys.executable, "-m", "alignprop_core.torchvision_cpu_fix", "--check"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = check.stdout.strip()
+    assert len(report.splitlines()) == 1 and sys.executable in report
+    if importlib.machinery.PathFinder.find_spec("torchvision") is None:
+        assert report.startswith("torchvision is not installed")
+        return
+    bare = subprocess.run([sys.executable, "-c", "import sys; sys.meta_path[:] = [f for f in sys.meta_path if "
+                           "type(f).__name__ != '_TorchvisionHook']; import torchvision"], capture_output=True)
+    import sysconfig
+
+    installed = (Path(sysconfig.get_paths()["purelib"]) / "_alignprop_torchvision_cpu_fix.pth").is_file()
+    if bare.returncode != 0:  # a CPU test machine with the CUDA torchvision wheel: the hook is installed and needed
+        assert installed and report.startswith("the CPU torchvision import hook is installed and needed"), report
+    else:
+        assert report.startswith("the CPU torchvision import hook is installed but not needed" if installed
+                                 else "torchvision imports fine"), report
+
+
+def test_torchvision_hook_decision_and_install(tmp_path, monkeypatch, capsys):
+    from alignprop_core import torchvision_cpu_fix as fix
+
+    assert fix.decide(present=False, imports_without_hook=False, installed=False) == ("no-torchvision", False)
+    assert fix.decide(present=True, imports_without_hook=True, installed=False) == ("not-needed", False)
+    assert fix.decide(present=True, imports_without_hook=True, installed=True) == ("unneeded-installed", False)
+    assert fix.decide(present=True, imports_without_hook=False, installed=False) == ("missing", True)
+    assert fix.decide(present=True, imports_without_hook=False, installed=True) == ("installed", True)
+    assert fix.decide(True, False, True, imports_with_hook=False) == ("broken", True)
+
+    site = tmp_path / "site-packages"  # never the real one: the venv stays as it is
+    site.mkdir()
+    monkeypatch.setattr(fix, "site_packages", lambda: site)
+    monkeypatch.setattr(fix, "torchvision_present", lambda: True)
+    imports = {False: True, True: True}  # with_hook -> result
+    monkeypatch.setattr(fix, "torchvision_imports", lambda with_hook: imports[with_hook])
+    assert fix.main(["install"]) == 0 and not any(site.iterdir())  # torchvision imports: nothing is written
+    assert "no CPU import hook needed" in capsys.readouterr().out
+    imports[False] = False  # the CUDA wheel on CPU torch
+    assert fix.main(["--check"]) == 1 and "not installed" in capsys.readouterr().out
+    assert fix.main(["install"]) == 0
+    assert (site / "_alignprop_torchvision_cpu_fix.pth").read_text() == fix.PTH_LINE
+    assert (site / "_alignprop_torchvision_cpu_fix.py").read_text() == Path(fix.__file__).read_text()
+    assert fix.hook_installed(site) and fix.main(["check"]) == 0
+    imports[True] = False  # the hook does not help: it is removed again and the command fails
+    fix.remove_hook(site)
+    assert fix.main(["install"]) == 2 and not any(site.iterdir())
+
+
+def test_torchvision_hook_is_not_on_any_library_code_path():
+    code = ("import sys, alignprop_core, alignprop_core.trainer, alignprop_core.cli, alignprop_core.plugins; "
+            "alignprop_core.plugins.load_plugins(); "
+            "print('alignprop_core.torchvision_cpu_fix' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr

@@ -36,8 +36,8 @@ def trl_test_config(tmp_path, **overrides):
     return AlignPropConfig(**values)
 
 
-@pytest.fixture(scope="module")
-def trl_pipelines(tiny_sd_path):
+@pytest.fixture
+def trl_pipelines(tiny_sd_path):  # fresh per test, as TRL's setUp builds them: a trainer adds its LoRA to the UNet
     return {use_lora: DefaultDDPOStableDiffusionPipeline(str(tiny_sd_path), pretrained_model_revision="main",
                                                          use_lora=use_lora) for use_lora in (True, False)}
 
@@ -129,6 +129,7 @@ def test_trl_example_callables_train_and_checkpoint_into_project_dir(tiny_sd_pat
                              "project_dir": "./save"}
     pipeline = DefaultDDPOStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
     trainer = AlignPropTrainer(config, trl_style_reward, animal_prompt, pipeline, image_samples_hook=image_outputs_logger)
+    assert config.output_dir == "./save"  # validated in place, as TRL's example's save_model(output_dir) expects
     assert trainer.step(0, 0) == 1  # TRL's step: one optimizer update, returns the next global step
     trainer.train()
     trainer.save_model(trainer.config.output_dir)
@@ -197,3 +198,25 @@ def test_aesthetic_scorer_from_a_local_folder_is_frozen_and_differentiable(tmp_p
     assert not any(p.requires_grad for p in scorer.parameters())
     with pytest.raises(Exception, match="has no 'missing.pth'"):
         aesthetic_scorer(str(tmp_path), "missing.pth")
+
+
+def test_step_works_without_train_and_without_a_hook(trl_pipelines, tmp_path):
+    trainer = AlignPropTrainer(trl_test_config(tmp_path), trl_style_reward, animal_prompt, trl_pipelines[True])
+    global_step = 0
+    for epoch in range(2):  # a TRL-style loop
+        global_step = trainer.step(epoch, global_step)
+    assert global_step == 2 and trainer.state.global_step == 2
+    rows = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2
+
+
+def test_a_changed_step_count_retranslates_trl_truncation(tmp_path):
+    config = trl_test_config(tmp_path).validate()  # t=1 of 3 steps: K=2
+    config.sample_num_steps = 10
+    assert config.validate().truncation_k == 9  # the earlier translation is not mistaken for the user's value
+
+
+def test_one_pipeline_for_two_lora_trainers_is_a_clear_error(trl_pipelines, tmp_path):
+    AlignPropTrainer(trl_test_config(tmp_path), trl_style_reward, animal_prompt, trl_pipelines[True])
+    with pytest.raises(ConfigError, match="already has a LoRA adapter .* its own freshly loaded pipeline"):
+        AlignPropTrainer(trl_test_config(tmp_path), trl_style_reward, animal_prompt, trl_pipelines[True])

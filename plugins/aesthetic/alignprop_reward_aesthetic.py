@@ -10,16 +10,19 @@ Images are preprocessed with differentiable tensor ops that reproduce the CLIP m
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import torch
 
+from alignprop_core import options
 from alignprop_core.errors import AlignPropError, first_line
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
-from alignprop_core.rewards import looks_like_path, parse_dtype
+from alignprop_core.rewards import parse_dtype
 
 REWARD_NAME = "aesthetic"
+OWNER = f"reward '{REWARD_NAME}'"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_PREDICTOR_REPO = "trl-lib/ddpo-aesthetic-predictor"
 DEFAULT_PREDICTOR_FILE = "aesthetic-model.pth"
@@ -100,8 +103,14 @@ class AestheticReward(torch.nn.Module):
         dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for the CLIP tower (the MLP stays float32).
         """
         torch_dtype = parse_dtype(dtype, REWARD_NAME)
+        clip_model = options.folder_or_hub_id(OWNER, "clip_model", clip_model, what="clip_model folder",
+                                              allowed=f"a hub id or a local folder with a copy of {DEFAULT_CLIP_MODEL} "
+                                              "(config.json + weights)")
+        predictor_path = options.path(OWNER, "predictor", predictor, kind="file", what="predictor file", optional=True,
+                                      allowed=f"a local copy of {DEFAULT_PREDICTOR_REPO}/{DEFAULT_PREDICTOR_FILE} (or "
+                                      "sac+logos+ava1-l14-linearMSE.pth), or null to download that file")
+        mlp = AestheticMLP.from_state_dict(*_load_predictor_state(predictor_path))  # small: before the CLIP tower
         vision_model, embed_dim = _load_clip_image_tower(clip_model, torch_dtype)
-        mlp = AestheticMLP.from_state_dict(*_load_predictor_state(predictor))
         in_dim = mlp.layers[0].in_features
         if in_dim != embed_dim:
             raise AlignPropError(
@@ -149,20 +158,6 @@ def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
         _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$",
                                               r"position_ids$"]
 
-    source = str(source)
-    local = os.path.expanduser(source)
-    if os.path.exists(local):
-        source = local
-        if not os.path.isdir(local):
-            raise AlignPropError(
-                f"aesthetic: clip_model '{source}' is a file; set options.clip_model to the folder that holds "
-                "config.json and the model weights (or a hub id)"
-            )
-    elif looks_like_path(source):
-        raise AlignPropError(
-            f"aesthetic: clip_model folder '{source}' does not exist; set options.clip_model to a local copy of "
-            f"{DEFAULT_CLIP_MODEL} (config.json + weights) or to a hub id"
-        )
     try:
         config = AutoConfig.from_pretrained(source)
         if isinstance(config, CLIPConfig):
@@ -187,7 +182,15 @@ def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
     return model, int(vision_config.projection_dim)
 
 
-def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor], str]:
+def _load_error(exc: Exception) -> str:
+    """Why a state-dict file could not be read, in a few words (torch's weights_only message is a paragraph)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a torch.save file of tensors only"
+    return options.error_text(exc)
+
+
+def _load_predictor_state(predictor: os.PathLike | None) -> tuple[dict[str, torch.Tensor], str]:
+    """The predictor's state dict and where it came from: ``predictor`` (an existing file) or the hub file."""
     if predictor is None:
         try:
             from huggingface_hub import hf_hub_download
@@ -200,13 +203,7 @@ def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor
                 "and set options.predictor to its local path"
             ) from exc
     else:
-        path = os.path.expanduser(str(predictor))
-        if not os.path.isfile(path):
-            raise AlignPropError(
-                f"aesthetic: predictor file '{predictor}' does not exist; set options.predictor to a local copy of "
-                f"{DEFAULT_PREDICTOR_REPO}/{DEFAULT_PREDICTOR_FILE} (or sac+logos+ava1-l14-linearMSE.pth), or leave it "
-                "unset to download that file"
-            )
+        path = str(predictor)
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -216,7 +213,7 @@ def _load_predictor_state(predictor: str | None) -> tuple[dict[str, torch.Tensor
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AlignPropError(
-            f"aesthetic: could not read predictor '{path}' ({type(exc).__name__}: {first_line(exc)}); "
+            f"aesthetic: could not read predictor '{path}' ({_load_error(exc)}); "
             "set options.predictor to a .pth or .safetensors state dict of the LAION aesthetic predictor"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

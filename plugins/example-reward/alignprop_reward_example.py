@@ -6,7 +6,7 @@ hook implementation, published in the ``alignprop`` entry-point group by this pa
 
 import torch
 
-from alignprop_core import hookimpl
+from alignprop_core import hookimpl, options
 
 
 class Warmth(torch.nn.Module):
@@ -14,7 +14,8 @@ class Warmth(torch.nn.Module):
 
     def __init__(self, target: float | None = None):
         super().__init__()
-        self.target = target
+        # check options when the reward is built: one line naming the reward, the option and what is allowed
+        self.target = options.number("reward 'warmth'", "target", target, minimum=-1, maximum=1, optional=True)
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
         warmth = images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))

@@ -29,11 +29,13 @@ from typing import Any
 
 import torch
 
+from alignprop_core import options
 from alignprop_core.errors import AlignPropError
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.preprocess import image_processor_preprocess
 
 DEFAULT_MODEL = "facebook/flava-full"
+OWNER = "reward 'flava_vqa'"
 SCORES = ("itm", "answer_likelihood")
 ITM_MATCH_INDEX = 1  # FlavaForPreTraining's itm labels: 1 = the text matches the image
 
@@ -56,21 +58,15 @@ def _is_bicubic(resample: Any) -> bool:
     return int(resample) == 3  # PIL.Image.BICUBIC
 
 
-def _load(model: str):
+def _load(model: str) -> tuple[Any, Any]:
     """``FlavaForPreTraining`` (without the image codebook, which no score needs) and ``FlavaProcessor``."""
     from transformers import FlavaForPreTraining, FlavaProcessor
 
     class FlavaWithoutCodebook(FlavaForPreTraining):  # checkpoints carry the codebook: skip it without a report
         _keys_to_ignore_on_load_unexpected = [r"^image_codebook\."]
 
-    expanded = os.path.expanduser(str(model))
-    local = os.path.isdir(expanded)
-    if not local and (str(model).startswith((".", "~")) or os.path.isabs(expanded) or str(model).count("/") > 1):
-        raise AlignPropError(
-            f"flava_vqa: model folder '{model}' does not exist; set the reward option 'model' to a local "
-            f"FlavaForPreTraining folder (config, weights and processor files) or a hub id such as {DEFAULT_MODEL}"
-        )
-    path = expanded if local else str(model)
+    local = os.path.isdir(model)  # ``model`` is an existing folder or a valid hub id (checked by from_options)
+    path = model
     try:
         flava = FlavaWithoutCodebook.from_pretrained(path, init_codebook=False, local_files_only=local)
         processor = FlavaProcessor.from_pretrained(path, local_files_only=local)
@@ -107,10 +103,10 @@ class FlavaVQAReward(torch.nn.Module):
     def from_options(cls, model: str = DEFAULT_MODEL, score: str = "itm") -> "FlavaVQAReward":
         """Build the frozen reward. ``model``: hub id or local folder with a ``FlavaForPreTraining`` and its
         ``FlavaProcessor``; ``score``: ``itm`` (match probability) or ``answer_likelihood``."""
-        if score not in SCORES:
-            raise AlignPropError(
-                f"flava_vqa: unknown score '{score}'; set the option 'score' to one of {', '.join(SCORES)}"
-            )
+        score = options.choice(OWNER, "score", score, SCORES)
+        model = options.folder_or_hub_id(OWNER, "model", model, what="model folder",
+                                         allowed="a hub id such as facebook/flava-full or a local FlavaForPreTraining "
+                                         "folder (config, weights and processor files)")
         flava, processor = _load(model)
         return cls(flava, processor, score)
 

@@ -10,13 +10,16 @@ are never needed) and the HPS checkpoint is loaded on top of it.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 from typing import Any
 
 import torch
 
-from alignprop_core.errors import AlignPropError
+from alignprop_core import options
+from alignprop_core.errors import AlignPropError, PluginError
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_side_pad
 
@@ -25,18 +28,14 @@ HUB_REPO = "xswu/HPSv2"
 HUB_FILES = {"v2": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 DEFAULT_VERSION = "v2.1"
 DEFAULT_ARCHITECTURE = "ViT-H-14"
+OWNER = "reward 'hps'"
 
 
-def _resolve_checkpoint(version: str, checkpoint: str | None) -> str:
-    """Local path of the HPS checkpoint: ``checkpoint`` if given, else the hub file for ``version``."""
+def _resolve_checkpoint(version: str, checkpoint: os.PathLike | None) -> str:
+    """Local path of the HPS checkpoint: ``checkpoint`` (already checked to be a file) if given, else the hub file for
+    ``version``."""
     if checkpoint is not None:
-        path = os.path.expanduser(str(checkpoint))
-        if not os.path.isfile(path):
-            raise AlignPropError(
-                f"hps: checkpoint file '{path}' does not exist; set the reward option 'checkpoint' to a local "
-                f"{HUB_FILES.get(version, 'HPS_v2.1_compressed.pt')} file"
-            )
-        return path
+        return str(checkpoint)
     filename = HUB_FILES[version]
     try:
         from huggingface_hub import hf_hub_download
@@ -54,9 +53,12 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's weights_only message is a paragraph that suggests weights_only=False: say what it means instead
+        unpickling = isinstance(exc, pickle.UnpicklingError)
+        reason = "not a torch.save file of tensors only" if unpickling else options.error_text(exc)
         raise AlignPropError(
-            f"hps: cannot read checkpoint '{path}' with torch.load(weights_only=True) ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); point the option 'checkpoint' at an HPS .pt file"
+            f"hps: cannot read checkpoint '{path}' with torch.load(weights_only=True) ({reason}); point the option "
+            "'checkpoint' at an HPS .pt file"
         ) from exc
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -69,20 +71,35 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _architecture_name(architecture: str) -> str:
-    """Registered open_clip model-config name for ``architecture`` (a config name or a path to a config JSON)."""
+def _architecture_name(architecture: Any) -> str:
+    """Registered open_clip model-config name for ``architecture`` (a config name, or the path of a model-config
+    JSON file, which is checked and registered)."""
     import open_clip
 
-    if str(architecture).endswith(".json") and os.path.isfile(os.path.expanduser(str(architecture))):
-        path = os.path.expanduser(str(architecture))
-        open_clip.add_model_config(path)
-        return os.path.splitext(os.path.basename(path))[0]
-    if architecture not in open_clip.list_models():
-        raise AlignPropError(
-            f"hps: unknown open_clip architecture '{architecture}'; set the option 'architecture' to an open_clip "
-            f"model-config name (default {DEFAULT_ARCHITECTURE}) or to the path of a model-config .json file"
-        )
-    return architecture
+    allowed = (f"an open_clip model-config name (default {DEFAULT_ARCHITECTURE}) or the path of an open_clip "
+               "model-config .json file")
+    name = options.string(OWNER, "architecture", architecture, allowed=allowed)
+    if not (name.lower().endswith(".json") or options.looks_like_path(name)):
+        if name not in open_clip.list_models():
+            raise AlignPropError(
+                f"hps: unknown open_clip architecture '{name}'; set the option 'architecture' to an open_clip "
+                f"model-config name (default {DEFAULT_ARCHITECTURE}) or to the path of a model-config .json file"
+            )
+        return name
+    path = options.path(OWNER, "architecture", name, kind="file", what="architecture file", allowed=allowed)
+    text = options.read_text(OWNER, "architecture", path, what="architecture file", allowed=allowed)
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise PluginError(f"{OWNER}: architecture file '{name}' is not valid JSON ({exc}); set the 'architecture' "
+                          f"option to {allowed}") from None
+    missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg")
+               if not isinstance(config, dict) or key not in config]
+    if missing:
+        raise PluginError(f"{OWNER}: architecture file '{name}' is not an open_clip model config (missing "
+                          f"{', '.join(missing)}); set the 'architecture' option to {allowed}")
+    open_clip.add_model_config(str(path))
+    return path.stem
 
 
 def _create_model(name: str) -> torch.nn.Module:
@@ -119,15 +136,15 @@ class HPSReward(torch.nn.Module):
     ) -> "HPSReward":
         """Build the frozen reward. ``version``: ``v2`` or ``v2.1``; ``checkpoint``: local .pt overriding the hub
         file; ``architecture``: open_clip model-config name or config .json path (default ``ViT-H-14``)."""
-        version = str(version)
-        if version not in HUB_FILES:
-            raise AlignPropError(f"hps: unknown version '{version}'; set the option 'version' to one of v2, v2.1")
-        path = _resolve_checkpoint(version, checkpoint)  # fail fast, before building a 1B-parameter model
+        version = options.choice(OWNER, "version", version, HUB_FILES)
+        checkpoint = options.path(OWNER, "checkpoint", checkpoint, kind="file", what="checkpoint file", optional=True,
+                                  allowed=f"a local {HUB_FILES[version]} file, or null to download it from {HUB_REPO}")
+        name = _architecture_name(architecture)  # every option is checked before anything large is read
+        path = _resolve_checkpoint(version, checkpoint)
         state_dict = _load_state_dict(path)
 
         import open_clip
 
-        name = _architecture_name(architecture)
         model = _create_model(name)
         try:
             model.load_state_dict(state_dict, strict=True)

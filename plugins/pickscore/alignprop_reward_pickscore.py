@@ -14,12 +14,14 @@ from typing import Any
 
 import torch
 
+from alignprop_core import options
 from alignprop_core.errors import AlignPropError, first_line
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
-from alignprop_core.rewards import looks_like_path, parse_dtype
+from alignprop_core.rewards import parse_dtype
 
 REWARD_NAME = "pickscore"
+OWNER = f"reward '{REWARD_NAME}'"
 DEFAULT_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 TEXT_MAX_LENGTH = 77
@@ -65,10 +67,16 @@ class PickScoreReward(torch.nn.Module):
         from transformers import AutoTokenizer, CLIPModel
 
         torch_dtype = parse_dtype(dtype, REWARD_NAME)
+        model = options.folder_or_hub_id(OWNER, "model", model, what="model folder",
+                                         allowed=f"a hub id or a local copy of {DEFAULT_MODEL} (config.json + model "
+                                         "weights)")
+        processor = options.folder_or_hub_id(OWNER, "processor", processor, what="processor folder",
+                                             allowed=f"a hub id or a local copy of {DEFAULT_PROCESSOR} (the CLIP "
+                                             "tokenizer files + preprocessor_config.json)")
         clip = _load(lambda path: CLIPModel.from_pretrained(path, dtype=torch_dtype), model, "model", DEFAULT_MODEL,
-                     "config.json + model weights", "CLIPModel")
+                     "CLIPModel")
         tokenizer = _load(AutoTokenizer.from_pretrained, processor, "processor", DEFAULT_PROCESSOR,
-                          "the CLIP tokenizer files + preprocessor_config.json", "the tokenizer from")
+                          "the tokenizer from")
         return cls(clip, tokenizer, read_image_processor_config(processor))
 
     # --------------------------------------------------------------------------------------------- pieces
@@ -135,31 +143,17 @@ def _features(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def _load(loader: Any, source: str, option: str, default: str, files: str, what: str) -> Any:
-    """``loader(folder or hub id)``, with one-line errors that name ``options.<option>``."""
-    source = str(source)
-    path = os.path.expanduser(source)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise AlignPropError(
-            f"pickscore: {option} '{source}' is a file; set options.{option} to a folder holding {files} "
-            f"(a local copy of {default}) or a hub id"
-        )
-    if not os.path.exists(path):
-        if looks_like_path(source):
-            raise AlignPropError(
-                f"pickscore: {option} folder '{source}' does not exist; set options.{option} to a local copy of "
-                f"{default} ({files}) or to a hub id"
-            )
-        path = source
+def _load(loader: Any, source: str, option: str, default: str, what: str) -> Any:
+    """``loader(folder or hub id)`` (``source`` checked by :func:`options.folder_or_hub_id`), with a one-line error
+    that names the option."""
     try:
-        return loader(path)
+        return loader(source)
     except Exception as exc:
-        where = "local folder" if os.path.isdir(path) else "hub id"
+        where = "local folder" if os.path.isdir(source) else "hub id"
         raise AlignPropError(
             f"pickscore: could not load {what} {where} '{source}' ({type(exc).__name__}: {first_line(exc)}); "
             f"set options.{option} to a local folder with a copy of {default}"
         ) from exc
-
 
 
 def _check_inputs(images: Any, prompts: Any) -> None:

@@ -166,7 +166,7 @@ def test_missing_predictor_file_is_a_clear_error(tiny, tmp_path):
     from alignprop_reward_aesthetic import AestheticReward
 
     missing = tmp_path / "nope" / "sac+logos+ava1-l14-linearMSE.pth"
-    with pytest.raises(AlignPropError, match=r"predictor file .*nope.* does not exist.*options\.predictor") as info:
+    with pytest.raises(AlignPropError, match=r"predictor file .*nope.* does not exist.*'predictor' option") as info:
         AestheticReward.from_options(clip_model=tiny["clip_model"], predictor=str(missing))
     assert "\n" not in str(info.value)
 
@@ -175,7 +175,7 @@ def test_missing_clip_folder_is_a_clear_error(tiny, tmp_path):
     from alignprop_core.errors import AlignPropError
     from alignprop_reward_aesthetic import AestheticReward
 
-    with pytest.raises(AlignPropError, match=r"clip_model folder .*missing_clip.* does not exist.*options\.clip_model"):
+    with pytest.raises(AlignPropError, match=r"clip_model folder .*missing_clip.* does not exist.*'clip_model' option"):
         AestheticReward.from_options(clip_model=str(tmp_path / "missing_clip"), predictor=tiny["predictor"])
 
 
@@ -208,3 +208,60 @@ def test_bad_images_are_a_clear_error(reward):
 def test_two_step_training_with_the_aesthetic_reward(tiny, train_two_steps):
     out = train_two_steps("aesthetic", {"clip_model": tiny["clip_model"], "predictor": tiny["predictor"]})
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading anything is a test failure: bad options must be reported before any weights are read."""
+    import alignprop_reward_aesthetic as module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were loaded before the options were checked")
+
+    monkeypatch.setattr(module, "_load_clip_image_tower", fail)
+    monkeypatch.setattr(module, "_load_predictor_state", fail)
+
+
+@pytest.mark.parametrize("options, parts", [
+    ({"clip_model": 123}, ["option 'clip_model' must be a hub id or a local folder", "got 123"]),
+    ({"clip_model": ""}, ["option 'clip_model' must be", "got ''"]),
+    ({"clip_model": "not a hub id"}, ["got 'not a hub id' (neither an existing folder nor a valid hub id)"]),
+    ({"clip_model": "{file}"}, ["clip_model folder '{file}' is a file, not a folder; set the 'clip_model' option"]),
+    ({"predictor": 123}, ["option 'predictor' must be a local copy of", "got 123"]),
+    ({"predictor": ""}, ["option 'predictor' must be", "got ''"]),
+    ({"predictor": ["a.pth"]}, ["got ['a.pth'] (a list)"]),
+    ({"predictor": "{folder}"}, ["predictor file '{folder}' is a folder, not a file; set the 'predictor' option"]),
+    ({"predictor": "{missing}"}, ["predictor file '{missing}' does not exist"]),
+    ({"dtype": 16}, ["option 'dtype' must be one of float32, float16, bfloat16 (or null), got 16"]),
+    ({"dtype": "fp8"}, ["option 'dtype' must be one of float32, float16, bfloat16 (or null), got 'fp8'"]),
+])
+def test_bad_options_are_one_line_errors_before_loading(tiny, tmp_path, no_loading, options, parts):
+    from alignprop_core import plugins
+    from alignprop_core.errors import PluginError
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_bytes(b"\x00\x01")
+    paths = {"{file}": str(tmp_path / "file"), "{folder}": str(tmp_path / "folder"),
+             "{missing}": str(tmp_path / "missing.pth")}
+    options = {k: paths.get(v, v) if isinstance(v, str) else v for k, v in options.items()}
+    with pytest.raises(PluginError) as info:
+        plugins.build("reward", "aesthetic", {"clip_model": tiny["clip_model"], "predictor": tiny["predictor"],
+                                              **options})
+    message = str(info.value)
+    assert message.startswith("reward 'aesthetic': ") and "\n" not in message
+    for part in parts:
+        for key, value in paths.items():
+            part = part.replace(key, value)
+        assert part in message, (part, message)
+
+
+def test_binary_predictor_is_a_short_one_line_error(tiny, tmp_path):
+    from alignprop_core.errors import AlignPropError
+    from alignprop_reward_aesthetic import AestheticReward
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(AlignPropError, match=r"could not read predictor .* \(not a torch.save file of tensors only\)"
+                       ) as info:
+        AestheticReward.from_options(clip_model=tiny["clip_model"], predictor=str(junk))
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from alignprop_core import AlignPropTrainer, plugins
+from alignprop_core.errors import PluginError
 
 
 def test_installed_plugin_is_listed_with_its_package():
@@ -28,3 +30,12 @@ def test_selected_by_name_in_a_config_and_trained(tiny_config):
     result = trainer.train()
     assert (result.lora_dir / "pytorch_lora_weights.safetensors").is_file()
     assert "reward/warmth_mean" in result.history[-1]
+
+
+def test_bad_target_is_a_one_line_error():
+    assert plugins.build("reward", "warmth", {"target": "0.5"}).target == 0.5
+    for bad, shown in (("abc", "'abc'"), (float("nan"), "nan"), (float("inf"), "inf"), (2, "2"), (-1.5, "-1.5"),
+                       (True, "True (a bool)"), ("", "''")):
+        with pytest.raises(PluginError) as info:
+            plugins.build("reward", "warmth", {"target": bad})
+        assert str(info.value) == f"reward 'warmth': option 'target' must be a number in [-1, 1] (or null), got {shown}"

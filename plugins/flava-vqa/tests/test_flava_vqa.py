@@ -269,3 +269,32 @@ def test_clear_errors(model_dir, tmp_path):
 def test_two_step_training_run_with_flava_vqa(model_dir, train_two_steps):
     out = train_two_steps("flava_vqa", {"model": str(model_dir)})
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("options, parts", [
+    ({"model": []}, ["option 'model' must be a hub id such as facebook/flava-full or a local FlavaForPreTraining "
+                     "folder", "got [] (a list)"]),
+    ({"model": ""}, ["option 'model' must be", "got ''"]),
+    ({"model": "{file}"}, ["model folder '{file}' is a file, not a folder; set the 'model' option"]),
+    ({"model": "bad id!"}, ["got 'bad id!' (neither an existing folder nor a valid hub id)"]),
+    ({"score": 1}, ["option 'score' must be one of itm, answer_likelihood, got 1"]),
+    ({"score": ""}, ["option 'score' must be one of itm, answer_likelihood, got ''"]),
+])
+def test_bad_options_are_one_line_errors_before_loading(model_dir, tmp_path, monkeypatch, options, parts):
+    import alignprop_reward_flava_vqa as module
+
+    from alignprop_core.errors import PluginError
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(module, "_load", fail)
+    (tmp_path / "file").write_bytes(b"\x00")
+    options = {k: str(tmp_path / "file") if v == "{file}" else v for k, v in options.items()}
+    with pytest.raises(PluginError) as info:
+        build(model_dir, **options)
+    message = str(info.value)
+    assert message.startswith("reward 'flava_vqa': ") and "\n" not in message
+    for part in parts:
+        part = part.replace("{file}", str(tmp_path / "file"))
+        assert part in message, (part, message)

@@ -203,3 +203,63 @@ def test_bad_options_are_clear_errors(tiny, tmp_path):
 def test_two_step_training_run_with_hps(tiny, train_two_steps):
     out = train_two_steps("hps", {"checkpoint": str(tiny["paths"]["nested"]), "architecture": str(tiny["config_path"])})
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    """Paths for the wrong things: a folder, a binary file, JSON that is not an open_clip config, broken JSON."""
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00\x01binary")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{nope")
+    return tmp_path
+
+
+@pytest.mark.parametrize("options, parts", [
+    ({"version": 2.1}, ["option 'version' must be one of v2, v2.1, got 2.1"]),
+    ({"version": None}, ["option 'version' must be one of v2, v2.1, got None"]),
+    ({"checkpoint": 5}, ["option 'checkpoint' must be a local HPS_v2.1_compressed.pt file", "got 5"]),
+    ({"checkpoint": ""}, ["option 'checkpoint' must be", "got ''"]),
+    ({"checkpoint": "{folder.json}"}, ["checkpoint file '{folder.json}' is a folder, not a file; set the "
+                                       "'checkpoint' option"]),
+    ({"architecture": 7}, ["option 'architecture' must be an open_clip model-config name", "got 7"]),
+    ({"architecture": ""}, ["option 'architecture' must be", "got ''"]),
+    ({"architecture": "{folder.json}"}, ["architecture file '{folder.json}' is a folder, not a file"]),
+    ({"architecture": "{missing.json}"}, ["architecture file '{missing.json}' does not exist; set the 'architecture'"]),
+    ({"architecture": "{binary.json}"}, ["architecture file '{binary.json}' is a binary file, not text"]),
+    ({"architecture": "{list.json}"}, ["'{list.json}' is not an open_clip model config (missing embed_dim, "
+                                       "vision_cfg, text_cfg)"]),
+    ({"architecture": "{broken.json}"}, ["architecture file '{broken.json}' is not valid JSON"]),
+])
+def test_bad_options_are_one_line_errors_before_loading(tiny, bad_files, monkeypatch, options, parts):
+    import alignprop_reward_hps as module
+
+    from alignprop_core.errors import PluginError
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the options were checked")
+
+    monkeypatch.setattr(module, "_load_state_dict", fail)
+    monkeypatch.setattr(module, "_create_model", fail)
+
+    def fill(value):
+        if isinstance(value, str):
+            for name in ("folder.json", "binary.json", "list.json", "broken.json", "missing.json"):
+                value = value.replace("{" + name + "}", str(bad_files / name))
+        return value
+
+    with pytest.raises(PluginError) as info:
+        build(tiny, **{k: fill(v) for k, v in options.items()})
+    message = str(info.value)
+    assert message.startswith("reward 'hps': ") and "\n" not in message
+    for part in parts:
+        assert fill(part) in message, (fill(part), message)
+
+
+def test_binary_checkpoint_is_a_short_one_line_error(tiny, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(AlignPropError, match=r"cannot read checkpoint .*\(not a torch.save file of tensors only\)"
+                       ) as info:
+        build(tiny, checkpoint=str(junk))
+    assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)

@@ -170,10 +170,10 @@ def test_missing_local_folders_are_clear_errors(tiny, tmp_path):
     from alignprop_core.errors import AlignPropError
     from alignprop_reward_pickscore import PickScoreReward
 
-    with pytest.raises(AlignPropError, match=r"model folder .*no_model.* does not exist.*options\.model") as info:
+    with pytest.raises(AlignPropError, match=r"model folder .*no_model.* does not exist.*'model' option") as info:
         PickScoreReward.from_options(model=str(tmp_path / "no_model"), processor=tiny["processor"])
     assert "\n" not in str(info.value)
-    with pytest.raises(AlignPropError, match=r"processor folder .*no_proc.* does not exist.*options\.processor"):
+    with pytest.raises(AlignPropError, match=r"processor folder .*no_proc.* does not exist.*'processor' option"):
         PickScoreReward.from_options(model=tiny["model"], processor=str(tmp_path / "no_proc"))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -195,3 +195,41 @@ def test_bad_inputs_are_clear_errors(reward):
 def test_two_step_training_with_the_pickscore_reward(tiny, train_two_steps):
     out = train_two_steps("pickscore", {"model": tiny["model"], "processor": tiny["processor"]})
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("options, parts", [
+    ({"model": 1.5}, ["option 'model' must be a hub id or a local copy of yuvalkirstain/PickScore_v1", "got 1.5"]),
+    ({"model": ""}, ["option 'model' must be", "got ''"]),
+    ({"model": "{file}"}, ["model folder '{file}' is a file, not a folder; set the 'model' option"]),
+    ({"model": "a b"}, ["got 'a b' (neither an existing folder nor a valid hub id)"]),
+    ({"processor": None}, ["option 'processor' must be a hub id or a local copy of", "got None"]),
+    ({"processor": "{file}"}, ["processor folder '{file}' is a file, not a folder; set the 'processor' option"]),
+    ({"processor": "./{missing}"}, ["processor folder './{missing}' does not exist"]),
+    ({"dtype": True}, ["option 'dtype' must be one of float32, float16, bfloat16 (or null), got True (a bool)"]),
+])
+def test_bad_options_are_one_line_errors_before_loading(tiny, tmp_path, monkeypatch, options, parts):
+    import alignprop_reward_pickscore as module
+
+    from alignprop_core import plugins
+    from alignprop_core.errors import PluginError
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(module, "_load", fail)
+    (tmp_path / "file").write_bytes(b"\x00")
+    names = {"{file}": str(tmp_path / "file"), "{missing}": "no-such-folder-here/x/y"}
+
+    def fill(value):
+        if isinstance(value, str):
+            for key, path in names.items():
+                value = value.replace(key, path)
+        return value
+
+    with pytest.raises(PluginError) as info:
+        plugins.build("reward", "pickscore", {"model": tiny["model"], "processor": tiny["processor"],
+                                              **{k: fill(v) for k, v in options.items()}})
+    message = str(info.value)
+    assert message.startswith("reward 'pickscore': ") and "\n" not in message
+    for part in parts:
+        assert fill(part) in message, (fill(part), message)
