@@ -29,8 +29,8 @@ CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "alignprop_config.yaml"
-#: Files whose presence means a folder holds a run's work.
-RUN_FILES = (METRICS_NAME, "pytorch_lora_weights.safetensors", "unet")
+#: Files whose presence means a folder holds a run's work (a full fine-tuning export is unet/ + the config file).
+RUN_FILES = (METRICS_NAME, "pytorch_lora_weights.safetensors", CONFIG_NAME)
 
 
 class TrainerState:
@@ -110,8 +110,11 @@ def find_resume_dir(resume_from: str, output_dir: str | os.PathLike) -> Optional
                               "start a new run")
         return found[-1]
     path = Path(resume_from).expanduser()
+    if not path.exists():
+        raise ConfigError(f"resume_from: '{resume_from}' does not exist; give a checkpoint folder or 'latest'")
     if not path.is_dir():
-        raise ConfigError(f"resume_from: '{resume_from}' is not a folder; give a checkpoint folder or 'latest'")
+        raise ConfigError(f"resume_from: '{resume_from}' is a file, not a folder; give a checkpoint folder or "
+                          "'latest'")
     weights = (LORA_WEIGHTS_NAME, "unet")
     missing = [n for n in (TRAINER_STATE_NAME,) if not (path / n).is_file()]
     if not any((path / n).exists() for n in weights):
@@ -138,6 +141,9 @@ def check_output_dir(output_dir: str | os.PathLike, resuming: bool, overwrite: b
     """Refuse a new run in a folder that holds an earlier run's work (unless ``overwrite``), and check the folder
     can be written, without creating anything (it is created when training starts)."""
     output_dir = Path(output_dir)
+    if (output_dir / "model_index.json").is_file():
+        raise ConfigError(f"output_dir: '{output_dir}' is a diffusers pipeline folder; choose another folder for the "
+                          "run")
     if not resuming and not overwrite and holds_a_run(output_dir):
         what = "checkpoints" if list_checkpoints(output_dir) else "files"
         raise ConfigError(f"output_dir: '{output_dir}' already has {what} from an earlier run; pass "

@@ -59,8 +59,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         before, after = result.eval_before["reward"], result.eval_after["reward"]
         print(f"fixed-seed eval reward ({config.eval_num_samples} samples): {before:.4f} -> {after:.4f} "
               f"({after - before:+.4f})")
-    print(f"LoRA written to {result.lora_dir}/pytorch_lora_weights.safetensors; load it with "
-          f"{type(trainer.pipe).__name__}.load_lora_weights('{result.lora_dir}')")
+    if trainer.use_lora:
+        print(f"LoRA written to {result.output_dir}/pytorch_lora_weights.safetensors; load it with "
+              f"{type(trainer.pipe).__name__}.load_lora_weights('{result.output_dir}')")
+    else:
+        print(f"UNet written to {result.output_dir}/unet; load it with "
+              f"UNet2DConditionModel.from_pretrained('{result.output_dir}', subfolder='unet')")
     return 0
 
 
@@ -221,6 +225,12 @@ def _chosen_subparser(parser: argparse.ArgumentParser, args: argparse.Namespace)
 class _Parser(argparse.ArgumentParser):
     """argparse with our one-line errors (no usage dump), "did you mean" hints and exit status 2."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-3", "-inf" and "-nan" for options ("expected one argument"); with no option of ours
+        # spelled like a number, every number-shaped token is a value
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
     def error(self, message: str):
         self.exit(2, f"error: {_choice_hint(message)}; see `{self.prog} --help`\n")
 
@@ -344,6 +354,10 @@ def quiet_library_progress() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning (read when torch loads, so set before any heavy import): with
+    # spinning threads, tiny-model steps ran 10-100x slower whenever other processes used the cores (see
+    # docs/configuration.md#cpu-threads). A value in the environment wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if not args.verbose:
         quiet_library_progress()

@@ -40,6 +40,9 @@ ACCELERATOR_ARGS_FROM_FIELDS = {"mixed_precision": "mixed_precision", "gradient_
                                 "project_config": "project_kwargs", "project_dir": "output_dir"}
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_SEED = 2**32 - 1  # numpy's global seed (accelerate.set_seed seeds it) must be below 2**32
+HUB_ID_RULES = ("letters, digits, '-', '_' and '.', at most 96 characters, not starting or ending with '-' or '.', no "
+                "'--' or '..'")
+MAX_IMAGE_SIZE = 8192  # larger images cannot even be allocated for the reward check (a MemoryError traceback)
 
 
 @dataclass
@@ -305,19 +308,37 @@ class AlignPropConfig:
                  "empty or one of " + ", ".join(TRACKERS))
         for name in ("resolution", "height", "width"):
             value = getattr(self, name)
-            _require(value is None or (value >= 8 and value % 8 == 0), name, value,
-                     "empty or a positive multiple of 8 (the VAE downsampling factor)")
+            _require(value is None or (8 <= value <= MAX_IMAGE_SIZE and value % 8 == 0), name, value,
+                     f"empty or a positive multiple of 8 (the VAE downsampling factor), at most {MAX_IMAGE_SIZE}")
         _require(bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
                  "lora_target_modules", self.lora_target_modules,
                  "a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0")
-        _require(bool(self.pretrained_model), "pretrained_model", self.pretrained_model, "a hub id or a folder")
-        _require(bool(self.output_dir), "output_dir", self.output_dir, "a folder path")
-        _require(bool(self.logdir), "logdir", self.logdir, "a folder path (relative to output_dir)")
-        _require(bool(self.tracker_project_name), "tracker_project_name", self.tracker_project_name, "a name")
+        _require(bool(self.pretrained_model.strip()), "pretrained_model", self.pretrained_model,
+                 "a hub id or a folder")
+        _require(not _looks_like_hub_id(self.pretrained_model) or _is_hub_id(self.pretrained_model),
+                 "pretrained_model", self.pretrained_model, "a local folder or a hub id (owner/name: " + HUB_ID_RULES
+                 + ")")
+        _require(bool(self.pretrained_revision.strip()), "pretrained_revision", self.pretrained_revision,
+                 "a hub branch, tag or commit, e.g. main")
+        _require(bool(str(self.output_dir or "").strip()), "output_dir", self.output_dir, "a folder path")
+        _require(bool(self.logdir.strip()), "logdir", self.logdir, "a folder path (relative to output_dir)")
+        _require(bool(self.tracker_project_name.strip()), "tracker_project_name", self.tracker_project_name,
+                 "a name")
+        _require(bool(self.exp_name.strip()), "exp_name", self.exp_name, "a name")
+        _require(self.run_name == "" or bool(self.run_name.strip()), "run_name", self.run_name,
+                 "a name, or empty for exp_name")
+        for key, value in self.tracker_kwargs.items():  # accelerate reads init_kwargs[<tracker name>] only
+            hint = did_you_mean(str(key), TRACKERS[:-1])
+            _require(key in TRACKERS[:-1], "tracker_kwargs", f"key {key!r}",
+                     "keys naming a tracker: " + ", ".join(TRACKERS[:-1]) + (f" ({hint})" if hint else ""))
+            _require(isinstance(value, dict), f"tracker_kwargs.{key}", value,
+                     f"a mapping of {key}'s init arguments, e.g. {{{key}: {{name: run1}}}}")
         _check_accelerator_kwargs(self.accelerator_kwargs)
         _require(bool(self.rewards), "rewards", self.rewards, "at least one {name, weight}")
         for i, reward in enumerate(self.rewards):
             _require(math.isfinite(reward.weight), f"rewards[{i}].weight", reward.weight, "a finite number")
+            _require(abs(reward.weight) <= FLOAT32_MAX, f"rewards[{i}].weight", reward.weight,
+                     f"a finite number within float32's range (|x| <= {FLOAT32_MAX:.4g})")
         total = sum(r.weight for r in self.rewards)
         _require(total > 0, "rewards", f"weights summing to {total:g}",
                  "weights whose sum is > 0 (the loss maximises the weighted sum)")
@@ -326,6 +347,12 @@ class AlignPropConfig:
         _require(not dupes, "rewards", ", ".join(dupes), "each reward name at most once (merge their weights)")
         if self.push_to_hub and not (self.hub_model_id or Path(self.output_dir).name):
             raise ConfigError("hub_model_id: required with push_to_hub")
+        if self.push_to_hub:  # the repo id defaults to output_dir's name
+            repo_id = self.hub_model_id or Path(self.output_dir).resolve().name
+            if not _is_hub_id(repo_id):
+                raise ConfigError(f"hub_model_id: got {self.hub_model_id!r}"
+                                  + ("" if self.hub_model_id else f" (so output_dir's name {repo_id!r})")
+                                  + ", allowed: a hub repo id, name or owner/name: " + HUB_ID_RULES)
         return self
 
     # ------------------------------------------------------------------ derived values for the trainer
@@ -413,8 +440,8 @@ def coerce(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         return value
     text = value.strip()
-    if kind.startswith("Optional") and text.lower() in ("", "none", "null"):
-        return None
+    if kind.startswith("Optional") and text.lower() in ("", "none", "null") and (text or name != "output_dir"):
+        return None  # but an empty output_dir stays empty (validate() refuses it): it would mean the default folder
     base = kind.removeprefix("Optional[").removesuffix("]")
     try:
         if base == "bool":
@@ -498,6 +525,11 @@ def _as_rewards(value: Any) -> list[RewardSpec]:
         if not isinstance(options, dict):
             raise ConfigError(f"rewards: 'options' of '{item['name']}' must be a mapping")
         weight = item.get("weight", 1.0)
+        if isinstance(weight, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; top-level floats accept it too
+            try:
+                weight = float(weight)
+            except ValueError:
+                pass
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"rewards: weight of '{item['name']}' must be a number, got {weight!r}")
         specs.append(RewardSpec(str(item["name"]), float(weight), dict(options)))
@@ -590,8 +622,9 @@ def _check_accelerator_kwargs(kwargs: dict[str, Any]) -> None:
 
     from accelerate import Accelerator
 
-    allowed = set(inspect.signature(Accelerator.__init__).parameters) - {"self", "kwargs"}
-    for key in kwargs:
+    parameters = inspect.signature(Accelerator.__init__).parameters
+    allowed = set(parameters) - {"self", "kwargs"}
+    for key, value in kwargs.items():
         if key in ACCELERATOR_ARGS_FROM_FIELDS:
             raise ConfigError(f"accelerator_kwargs: '{key}' is set by the config field "
                               f"'{ACCELERATOR_ARGS_FROM_FIELDS[key]}'; set that field instead")
@@ -600,11 +633,41 @@ def _check_accelerator_kwargs(kwargs: dict[str, Any]) -> None:
             hint = f" ({hint})" if hint else ""
             raise ConfigError(f"accelerator_kwargs: unknown key '{key}'{hint}; allowed: the keyword arguments of "
                               "accelerate.Accelerator")
+        if parameters[key].annotation in (bool, "bool"):
+            _require(isinstance(value, bool), f"accelerator_kwargs.{key}", value, "true or false")
+        if key == "dynamo_backend" and value is not None:
+            from accelerate.utils import DynamoBackend
+
+            backends = [b.value.lower() for b in DynamoBackend]
+            _require(str(value).lower() in backends, "accelerator_kwargs.dynamo_backend", value,
+                     "one of " + ", ".join(backends))
 
 
 def _script_name() -> str:
     """TRL's ``exp_name`` default: the running script's file name without its extension."""
-    return Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "alignprop"
+    return (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "") or "alignprop"
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    """``model`` is what ``pipelines.resolve_model_path`` treats as a hub id (not a tiny id, alias or local path)."""
+    from alignprop_core.models import MODEL_ALIASES
+    from alignprop_core.tiny import TINY_MODEL_ID, TINY_SDXL_MODEL_ID
+
+    if model in (TINY_MODEL_ID, TINY_SDXL_MODEL_ID) or model in MODEL_ALIASES:
+        return False
+    return not (Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+                or "\\" in model)
+
+
+def _is_hub_id(value: str) -> bool:
+    """Whether ``value`` is a valid Hugging Face Hub repo id (huggingface_hub raises a traceback on others)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _hide_from_hf_argparser(cls: type, names: tuple[str, ...]) -> None:

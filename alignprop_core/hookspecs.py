@@ -44,7 +44,9 @@ def register_image_loggers(register):
     ``logger(image_data, global_step, accelerate_logger)`` that the trainer calls every ``log_image_freq``
     optimizer steps on the main process. ``image_data`` is a dict of batched ``images`` (float ``[B,3,H,W]``
     in ``[0,1]``, detached, on the CPU), ``prompts``, ``prompt_metadata``, ``rewards`` (``[B]`` weighted total)
-    and ``reward_components`` (a dict ``name -> [B]``). ``accelerate_logger`` has ``log_images(dict, step)``
+    and ``reward_components`` (a dict ``name -> [B]``); for configured image loggers also ``fixed``: ``{"images"
+    [N,3,H,W], "prompts", "seeds"}``, the first fixed evaluation samples rendered with the current weights (the same
+    prompts and noise at every call, so progress shows as a strip). ``accelerate_logger`` has ``log_images(dict, step)``
     and ``log(dict, step)``, and works even when no tracker is configured. A logger may have a ``close()``
     method, called once at the end of training.
     """
@@ -56,6 +58,6 @@ def register_prompt_sources(register):
 
     Call ``register(name, factory, description="")``. ``factory(**options)`` returns a callable taking no
     arguments that returns one ``(prompt: str, metadata: dict)`` pair per call (TRL's ``prompt_fn``).
-    Draw randomness from Python's global ``random`` module: the trainer seeds it and saves/restores its state
-    in checkpoints, so resumed runs draw the same prompts.
+    Draw randomness from Python's global ``random`` (or numpy's global) generator: the trainer seeds it before every
+    call from the step and the sample's index, so a resumed run draws the same prompts without storing any RNG state.
     """

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 import torch
 
+from alignprop_core import options
 from alignprop_core.errors import PluginError
 
 #: optional package -> (import name, pip install argument)
@@ -74,6 +75,17 @@ def as_pil_list(value: Any) -> list:
     if value.dtype != np.uint8:
         value = (np.clip(value.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
     return [Image.fromarray(value).convert("RGB")]
+
+
+def _check_folder(owner: str, option: str, folder: Path) -> None:
+    """A folder an image logger will write into must be creatable: checked when the logger is built, before any
+    training, so a bad option never fails mid-run."""
+    from alignprop_core.checkpoints import writable_problem
+
+    problem = writable_problem(folder)
+    if problem:
+        raise PluginError(f"{owner}: cannot write to '{folder}' ({problem}); set the '{option}' option to a writable "
+                          "folder")
 
 
 def _slug(text: str, limit: int = 60) -> str:
@@ -221,10 +233,16 @@ class FolderLogger:
 
     def __init__(self, output_dir: str, subdir: str = "images", title: Optional[str] = None,
                  refresh_seconds: int = 0):
+        owner = "image logger 'folder'"
         self.output_dir = Path(output_dir)
+        subdir = options.string(owner, "subdir", subdir, allowed="a folder name inside output_dir")
+        if Path(subdir).is_absolute() or ".." in Path(subdir).parts:
+            raise options.invalid(owner, "subdir", subdir, "a folder name inside output_dir (relative, no '..')")
         self.root = self.output_dir / subdir
-        self.title = title or f"alignprop samples: {self.output_dir.resolve().name}"
-        self.refresh_seconds = int(refresh_seconds)
+        _check_folder(owner, "subdir", self.root)
+        self.title = options.string(owner, "title", title, optional=True) or \
+            f"alignprop samples: {self.output_dir.resolve().name}"
+        self.refresh_seconds = options.number(owner, "refresh_seconds", refresh_seconds, integer=True, minimum=0)
         self._logged = False
 
     def __call__(self, image_data: dict[str, Any], global_step: int, accelerate_logger: Any = None) -> None:
@@ -653,9 +671,12 @@ class TensorBoardLogger:
     """
 
     def __init__(self, output_dir: str, log_dir: Optional[str] = None, tag: str = "samples"):
-        require_package("tensorboard", "image logger 'tensorboard'")
-        self.log_dir = Path(log_dir) if log_dir else Path(output_dir) / "tensorboard"
-        self.tag = tag
+        owner = "image logger 'tensorboard'"
+        require_package("tensorboard", owner)
+        log_dir = options.string(owner, "log_dir", log_dir, allowed="a folder path", optional=True)
+        self.log_dir = Path(log_dir).expanduser() if log_dir else Path(output_dir) / "tensorboard"
+        _check_folder(owner, "log_dir", self.log_dir)
+        self.tag = options.string(owner, "tag", tag)
         self._own_writer = None
 
     def _writer(self, accelerate_logger: Any):
@@ -705,7 +726,19 @@ class WandbLogger:
     def __init__(self, output_dir: str, project: str = "alignprop", name: Optional[str] = None,
                  mode: Optional[str] = None, dir: Optional[str] = None, tag: str = "samples", table: bool = True,
                  init_kwargs: Optional[dict[str, Any]] = None):
-        require_package("wandb", "image logger 'wandb'")
+        owner = "image logger 'wandb'"
+        require_package("wandb", owner)
+        for option, value in (("project", project), ("tag", tag)):
+            options.string(owner, option, value)
+        for option, value in (("name", name), ("dir", dir)):
+            options.string(owner, option, value, optional=True)
+        options.choice(owner, "mode", mode, ("online", "offline", "disabled", "shared"), optional=True)
+        if not isinstance(table, bool):
+            raise options.invalid(owner, "table", table, "true or false")
+        if init_kwargs is not None and not isinstance(init_kwargs, dict):
+            raise options.invalid(owner, "init_kwargs", init_kwargs, "a mapping of wandb.init arguments")
+        if dir:
+            _check_folder(owner, "dir", Path(dir).expanduser())
         self.init_kwargs = {"project": project, "name": name, "mode": mode,
                             "dir": str(dir or os.environ.get("WANDB_DIR") or output_dir), **(init_kwargs or {})}
         self.tag, self.table = tag, table

@@ -53,16 +53,28 @@ def hub_unreachable_reason(repo_id: str) -> str | None:
     cached = isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
     if constants.HF_HUB_OFFLINE:
         return None if cached else "HF_HUB_OFFLINE is set and it is not in the local Hugging Face cache"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
+    if not hub_host_reachable():
         if cached:
             os.environ["HF_HUB_OFFLINE"] = "1"  # only the cache can serve it: skip the hub's retries
             constants.HF_HUB_OFFLINE = True
             return None
-        return f"the Hugging Face Hub ({host}) cannot be reached (no network?) and it is not in the local cache"
+        return f"the Hugging Face Hub ({hub_host()}) cannot be reached (no network?) and it is not in the local cache"
     return None
+
+
+def hub_host() -> str:
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+def hub_host_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub's host opens within ``timeout`` seconds (no retries)."""
+    try:
+        socket.create_connection((hub_host(), 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def load_pipeline(model: str, revision: str = "main"):

@@ -1,5 +1,6 @@
 """Built-in prompt sources (as in ddpo-pytorch). Each source is a no-argument callable returning
-``(prompt, metadata)``; randomness comes from Python's global ``random`` (seeded and checkpointed by the trainer)."""
+``(prompt, metadata)``; randomness comes from Python's global ``random``, which the trainer seeds before every call
+from the step and sample index (so resumed runs draw the same prompts without any stored RNG state)."""
 
 from __future__ import annotations
 

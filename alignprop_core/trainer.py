@@ -125,6 +125,13 @@ class AlignPropTrainer:
         checkpoints.check_output_dir(self.output_dir, self.resume_dir is not None, config.overwrite_output_dir)
         if config.log_with in ("tensorboard", "wandb"):
             require_package(config.log_with, f"log_with: {config.log_with}")
+        if config.log_with:
+            problem = checkpoints.writable_problem(Path(config.tracker_logging_dir))
+            if problem:
+                raise ConfigError(f"logdir: cannot write tracker logs to '{config.tracker_logging_dir}' ({problem}); "
+                                  "choose a writable folder")
+        if config.push_to_hub:
+            _check_hub_reachable()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
@@ -664,6 +671,20 @@ def _tracker_init_kwargs(config: AlignPropConfig) -> dict[str, Any]:
             if isinstance(section, dict):
                 section.setdefault(key, config.tracker_run_name)
     return kwargs
+
+
+def _check_hub_reachable() -> None:
+    """push_to_hub uploads at the end of the run: fail now, not after hours of training, when it cannot."""
+    from huggingface_hub import constants
+
+    from alignprop_core.pipelines import hub_host_reachable
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError("push_to_hub: HF_HUB_OFFLINE is set, so the upload at the end would fail; unset it or set "
+                          "push_to_hub false (the LoRA is written to output_dir either way)")
+    if not hub_host_reachable():
+        raise ConfigError("push_to_hub: the Hugging Face Hub cannot be reached (no network?), so the upload at the "
+                          "end would fail; set push_to_hub false (the LoRA is written to output_dir either way)")
 
 
 def _check_steps_fit_the_scheduler(config: AlignPropConfig, pipe: Any) -> None:

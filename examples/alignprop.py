@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--preset" not in argv and not any(not a.startswith("--") for a in argv[:1]):
         argv = ["--preset", "tiny", *argv]  # runs offline out of the box
+    if not any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        argv += ["--output_dir", "alignprop-example-output"]  # its own folder: never replaces the CLI demo's LoRA
     try:
         config = resolve_config(build_parser().parse_args(["train", *argv]))
         trainer = AlignPropTrainer(config, prompt_function=prompt_fn, image_samples_hook=image_outputs_logger)
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
     except AlignPropError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"LoRA saved to {result.lora_dir}; eval reward {result.eval_before.get('reward')} -> "
+    print(f"saved to {result.output_dir}; eval reward {result.eval_before.get('reward')} -> "
           f"{result.eval_after.get('reward')}")
     return 0
 
