@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from alignprop_core.errors import AlignPropError, ConfigError
+from alignprop_core.errors import AlignPropError, ConfigError, error_text
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -180,6 +180,17 @@ def clear_run(output_dir: Path) -> None:
     (output_dir / METRICS_NAME).unlink(missing_ok=True)
 
 
+def prepare_run_folder(output_dir: Path, *, replace: bool, step: int, config_yaml: str) -> None:
+    """Before a run's first step: remove an earlier run only when asked to (``replace``), create the folder, drop
+    half-written saves and the metrics rows past ``step`` (a resumed run), and write the run's config."""
+    if replace:
+        clear_run(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output_dir)
+    truncate_metrics(output_dir, step)
+    (output_dir / CONFIG_NAME).write_text(config_yaml)
+
+
 def remove_stale_temporaries(output_dir: Path) -> None:
     """Delete half-written saves left by a process killed while saving or pruning."""
     for stale in (output_dir / CHECKPOINTS_DIR).glob(".*-checkpoint-*"):
@@ -251,6 +262,11 @@ def strict_json_row(row: dict[str, Any]) -> str:
     return json.dumps({key: clean(value) for key, value in row.items()}, allow_nan=False)
 
 
+def eval_row(step: int, when: str, means: dict[str, float]) -> dict[str, Any]:
+    """A metrics.jsonl eval row: ``{"step", "eval": "before"|"after", "eval/reward_mean", "eval/<name>_mean"}``."""
+    return {"step": step, "eval": when, **{f"eval/{name}_mean": value for name, value in means.items()}}
+
+
 def append_metrics(output_dir: Path, row: dict[str, Any]) -> None:
     with open(output_dir / METRICS_NAME, "a", encoding="utf-8") as log:
         log.write(strict_json_row(row) + "\n")
@@ -273,3 +289,121 @@ def truncate_metrics(output_dir: Path, step: int) -> None:
     tmp = path.with_name(f".{METRICS_NAME}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def finite(value: Any) -> Optional[float]:
+    """A metrics value as a finite float, else None (null, NaN, inf, strings, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The JSON objects of a JSONL file, one per line; lines cut short (an interrupted run) and non-objects are
+    skipped, a missing file gives []."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)  # also takes the NaN that older runs wrote
+        except ValueError:  # a line cut short by an interrupted run
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """The training rows of a ``metrics.jsonl`` sorted by step (one per step: a resumed run redoes the steps after
+    its checkpoint, and the row written last wins) and its eval rows (``"eval": "before" | "after"``), in file
+    order. Rows without a numeric ``step`` are dropped; a missing file gives ``([], [])``."""
+    train: dict[int, dict] = {}
+    evals: list[dict] = []
+    for row in read_jsonl(path):
+        if finite(row.get("step")) is None:
+            continue
+        if "eval" in row:
+            evals.append(row)
+        else:
+            train[int(row["step"])] = row
+    return [train[step] for step in sorted(train)], evals
+
+
+# ---------------------------------------------------------------------- resuming
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """One line naming the first setting in which the checkpoint's run and this run differ."""
+    if not saved:
+        return  # a checkpoint from before alignprop recorded its run: the weight loader checks the shapes
+    if saved.get("base_fingerprint") != current.get("base_fingerprint"):
+        raise ConfigError(f"resume_from: checkpoint '{checkpoint}' was trained on base model "
+                          f"'{saved.get('base_model')}' (fingerprint {saved.get('base_fingerprint')}), but this run "
+                          f"loads '{current.get('base_model')}' (fingerprint {current.get('base_fingerprint')}); "
+                          f"resume with pretrained_model={saved.get('base_model')!r}, or start a new run")
+    for name in ("use_lora", "lora_rank", "lora_alpha", "lora_target_modules"):
+        if name in saved and saved.get(name) != current.get(name):
+            raise ConfigError(f"resume_from: checkpoint '{checkpoint}' was trained with {name}={saved.get(name)!r}, "
+                              f"this run has {name}={current.get(name)!r}; resume with {name}={saved.get(name)!r}, "
+                              "or start a new run in a new output_dir")
+
+
+def load_failure(exc: BaseException) -> str:
+    """What went wrong loading a checkpoint, in one line, without torch's advice to unpickle untrusted files."""
+    text = str(exc)
+    if "weights_only" in text or "Unpickl" in text:
+        detail = next((line.strip() for line in text.splitlines() if "Unpickl" in line), "")
+        return ("it holds pickled objects other than tensors, which alignprop never loads (torch.load with "
+                f"weights_only=True){': ' + detail[:160] if detail else ''}")
+    return error_text(exc, 200)
+
+
+def newest_checkpoint_text(output_dir: Path) -> str:
+    found = list_checkpoints(output_dir)
+    return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved yet"
+
+
+def run_description(config: Any, use_lora: bool, base_model: str, base_fingerprint: str) -> dict[str, Any]:
+    """What a checkpoint records about its run, so that a resume with other settings is refused by name."""
+    lora = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha,
+            "lora_target_modules": sorted(config.lora_target_modules)} if use_lora else {}
+    return {"base_model": base_model, "base_fingerprint": base_fingerprint, "use_lora": use_lora, **lora}
+
+
+def export_into(directory: Path, write: Any) -> None:
+    """Write an export (``write(folder)`` fills a staging folder) into ``directory`` so that each file appears
+    complete or not at all; a failure (a full disk) removes the staging folder and is one line."""
+    staging = directory / ".tmp-export"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        for item in staging.iterdir():
+            target = directory / item.name
+            if item.is_dir() and target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        staging.rmdir()
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise AlignPropError(f"could not export the trained weights to '{directory}' ({describe_os_error(exc)}); the "
+                             "checkpoints are intact: free space and resume with resume_from=latest") from None
+
+
+def resume(accelerator: Any, directory: Path, state: TrainerState) -> None:
+    """Load checkpoint ``directory`` into ``accelerator`` (weights, optimizer, RNG) and its counters into ``state``,
+    after checking it was trained with the same base model and settings as ``state.run``."""
+    saved = TrainerState()
+    saved.load(directory)
+    check_same_run(saved.run, state.run, directory)
+    try:
+        accelerator.load_state(str(directory))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"resume_from: checkpoint '{directory}' is damaged and cannot be loaded "
+                          f"({load_failure(exc)}); pick an older folder under checkpoints/") from None
+    state.global_step = saved.global_step
+    state.nonfinite_total = saved.nonfinite_total
+    state.nonfinite_in_a_row = saved.nonfinite_in_a_row

@@ -15,7 +15,6 @@ from alignprop_core.errors import AlignPropError
 from alignprop_core.hints import did_you_mean
 from alignprop_core.paths import check_output_file, write_text_atomically
 
-
 _METAVARS = {"rewards": "NAME:WEIGHT,...|YAML", "prompts": "NAME|YAML", "image_loggers": "NAME,...|YAML",
              "list": "A,B,...", "dict": "YAML"}
 
@@ -108,10 +107,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
-    from alignprop_core.tiny import TINY_FAMILIES, build_tiny
+    from alignprop_core.tiny import build_tiny, tiny_families
 
     path = build_tiny(args.path, args.family, overwrite=args.overwrite)
-    print(f"tiny {TINY_FAMILIES[args.family][0]} pipeline written to {path}")
+    print(f"tiny {tiny_families()[args.family].label} pipeline written to {path}")
     return 0
 
 
@@ -137,10 +136,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from alignprop_core.mix import mix_loras
+    from alignprop_core.families import family_for_lora
+    from alignprop_core.mix import mix_loras, read_lora
 
     file = mix_loras(args.loras, args.weights, args.out, overwrite=args.overwrite)
-    print(f"mixed LoRA written to {file}; load it with StableDiffusionPipeline.load_lora_weights('{args.out}')")
+    pipeline = family_for_lora(read_lora(args.out)).pipeline_classes[0]  # the class whose loader reads the mix
+    print(f"mixed LoRA written to {file}; load it with {pipeline}.load_lora_weights('{args.out}')")
     return 0
 
 
@@ -248,11 +249,17 @@ def _add_verbose(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _add_tiny_parser(sub: Any) -> None:
-    tiny = sub.add_parser("tiny-pipeline", help="build a tiny random-weight SD-1.x or SDXL pipeline in a folder",
+    from alignprop_core.tiny import tiny_families  # no torch: the families load it on use
+
+    families = tiny_families()
+    labels = " or ".join(family.label for family in families.values())
+    tiny = sub.add_parser("tiny-pipeline", help=f"build a tiny random-weight {labels} pipeline in a folder",
                           description="Build the tiny random-weight test pipeline into PATH (a new or empty folder).")
     tiny.add_argument("path", metavar="PATH", help="folder to create (must be new or empty unless --overwrite)")
     family = tiny.add_mutually_exclusive_group()
-    family.add_argument("--family", choices=("sd", "sdxl"), default="sd", help="model family (default: sd)")
+    default = next(iter(families))
+    family.add_argument("--family", choices=tuple(families), default=default, help=f"model family (default: {default})")
+    # the first spelling of the SDXL choice, kept working
     family.add_argument("--sdxl", dest="family", action="store_const", const="sdxl", help="same as --family sdxl")
     tiny.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty, replacing "
                       "pipeline files of the same names")

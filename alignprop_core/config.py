@@ -11,55 +11,40 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from alignprop_core.errors import ConfigError, first_line
+from alignprop_core.config_files import preset_names, read_config_file, read_preset  # noqa: F401 (public names)
+from alignprop_core.errors import ConfigError
 from alignprop_core.hints import did_you_mean
-from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, default_output_dir
+from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, check_scheduler_name, default_output_dir
+from alignprop_core.specs import PluginSpec, RewardSpec, as_list, as_plugin_spec, as_rewards, parse_reward_shorthand
+from alignprop_core.trl_fields import (
+    TRL_TRUNCATION_FIELDS,
+    apply_project_kwargs,
+    apply_trl_truncation,
+    hide_from_hf_argparser,
+)
+from alignprop_core.validation import (
+    FLOAT32_MAX,
+    HUB_ID_RULES,
+    MAX_SEED,
+    check_accelerator_kwargs,
+    check_type,
+    is_hub_id,
+    require,
+    type_name,
+)
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 TRUNCATIONS = ("fixed", "uniform", "gaussian", "none", "draft_lv")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
-#: TRL's truncation fields: real fields, translated onto ``truncation*`` (see ``_apply_trl_truncation``).
-TRL_TRUNCATION_FIELDS = ("truncated_backprop_rand", "truncated_backprop_timestep", "truncated_rand_backprop_minmax")
 #: Section of the CLI help and the docs' field table, by the first field of each section (in declaration order).
 GROUP_STARTS = {"pretrained_model": "model", "sample_num_steps": "sampling", "num_epochs": "training",
                 "output_dir": "output"}
-#: Fields that TRL's example scripts declare in their own ``ScriptArguments``: hidden from HfArgumentParser, which
-#: would otherwise register ``--pretrained_model`` twice (see ``_hide_from_hf_argparser``).
-HF_ARGPARSER_HIDDEN = ("pretrained_model", "pretrained_revision", "use_lora")
-#: ProjectConfiguration keys TRL scripts pass in ``project_kwargs`` and what alignprop does with each.
-PROJECT_KWARGS = ("project_dir", "logging_dir", "total_limit", "automatic_checkpoint_naming", "save_on_each_node")
-#: Accelerator arguments that config fields set; giving them in ``accelerator_kwargs`` too is an error.
-ACCELERATOR_ARGS_FROM_FIELDS = {"mixed_precision": "mixed_precision", "gradient_accumulation_steps":
-                                "train_gradient_accumulation_steps", "log_with": "log_with",
-                                "project_config": "project_kwargs", "project_dir": "output_dir"}
-FLOAT32_MAX = 3.4028234663852886e38
-MAX_SEED = 2**32 - 1  # numpy's global seed (accelerate.set_seed seeds it) must be below 2**32
-HUB_ID_RULES = ("letters, digits, '-', '_' and '.', at most 96 characters, not starting or ending with '-' or '.', no "
-                "'--' or '..'")
 MAX_IMAGE_SIZE = 8192  # larger images cannot even be allocated for the reward check (a MemoryError traceback)
-
-
-@dataclass
-class RewardSpec:
-    """One reward of the weighted sum: ``name`` (as registered by a plugin), ``weight``, factory ``options``."""
-
-    name: str
-    weight: float = 1.0
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PluginSpec:
-    """A prompt source or image logger selected by ``name``, with factory ``options``."""
-
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING):
@@ -172,9 +157,9 @@ class AlignPropConfig:
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
-        self.rewards = _as_rewards(self.rewards)
-        self.prompts = _as_plugin_spec(self.prompts, "prompts")
-        self.image_loggers = [_as_plugin_spec(x, "image_loggers") for x in _as_list(self.image_loggers, "image_loggers")]
+        self.rewards = as_rewards(self.rewards)
+        self.prompts = as_plugin_spec(self.prompts, "prompts")
+        self.image_loggers = [as_plugin_spec(x, "image_loggers") for x in as_list(self.image_loggers, "image_loggers")]
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         if self.mixed_precision is None or str(self.mixed_precision).lower() == "none":  # TRL's tests pass None
@@ -199,9 +184,9 @@ class AlignPropConfig:
         alignprop reads. Idempotent; called on construction and again by ``validate()`` because TRL scripts set
         ``project_kwargs`` after constructing the config."""
         if any(getattr(self, name) is not None for name in TRL_TRUNCATION_FIELDS):
-            _apply_trl_truncation(self)
+            apply_trl_truncation(self)
         if isinstance(self.project_kwargs, dict) and self.project_kwargs:
-            _apply_project_kwargs(self)
+            apply_project_kwargs(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "AlignPropConfig":
@@ -261,7 +246,7 @@ class AlignPropConfig:
         """Raise a one-line :class:`ConfigError` naming the first invalid field and its allowed range (after
         mapping TRL's spellings onto alignprop's fields). Returns ``self``."""
         for f in dataclasses.fields(self):
-            _check_type(f.name, getattr(self, f.name), field_type(f.name))
+            check_type(f.name, getattr(self, f.name), field_type(f.name))
         for f in dataclasses.fields(self):  # NaN and inf pass every comparison test below: reject them first
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -271,85 +256,85 @@ class AlignPropConfig:
                                   f"(|x| <= {FLOAT32_MAX:.4g})")
         self._apply_trl_spellings()
         steps = self.sample_num_steps
-        _require(steps >= 1, "sample_num_steps", steps, "an integer >= 1")
-        _require(0.0 <= self.sample_eta <= 1.0, "sample_eta", self.sample_eta, "a number in [0, 1]")
-        _require(self.sample_guidance_scale >= 0, "sample_guidance_scale", self.sample_guidance_scale, ">= 0")
-        _require(self.truncation in TRUNCATIONS, "truncation", self.truncation, "one of " + ", ".join(TRUNCATIONS))
-        _require(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, "one of " + ", ".join(SCHEDULERS))
-        _require(self.draft_lv_n >= 1, "draft_lv_n", self.draft_lv_n, "an integer >= 1")
+        require(steps >= 1, "sample_num_steps", steps, "an integer >= 1")
+        require(0.0 <= self.sample_eta <= 1.0, "sample_eta", self.sample_eta, "a number in [0, 1]")
+        require(self.sample_guidance_scale >= 0, "sample_guidance_scale", self.sample_guidance_scale, ">= 0")
+        require(self.truncation in TRUNCATIONS, "truncation", self.truncation, "one of " + ", ".join(TRUNCATIONS))
+        check_scheduler_name(self.scheduler)
+        require(self.draft_lv_n >= 1, "draft_lv_n", self.draft_lv_n, "an integer >= 1")
         if self.truncation == "fixed":
-            _require(1 <= self.truncation_k <= steps, "truncation_k", self.truncation_k,
+            require(1 <= self.truncation_k <= steps, "truncation_k", self.truncation_k,
                      f"an integer in [1, sample_num_steps={steps}]")
         if self.truncation == "uniform":
-            _require(1 <= self.truncation_min <= steps, "truncation_min", self.truncation_min,
+            require(1 <= self.truncation_min <= steps, "truncation_min", self.truncation_min,
                      f"an integer in [1, sample_num_steps={steps}]")
             if self.truncation_max is not None:
-                _require(self.truncation_min <= self.truncation_max <= steps, "truncation_max", self.truncation_max,
+                require(self.truncation_min <= self.truncation_max <= steps, "truncation_max", self.truncation_max,
                          f"an integer in [truncation_min={self.truncation_min}, sample_num_steps={steps}]")
         if self.truncation == "gaussian":
-            _require(self.truncation_std > 0, "truncation_std", self.truncation_std, "a number > 0")
+            require(self.truncation_std > 0, "truncation_std", self.truncation_std, "a number > 0")
         for name in ("num_epochs", "train_batch_size", "train_gradient_accumulation_steps", "save_freq",
                      "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps"):
-            _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        _require(self.eval_num_samples >= 0, "eval_num_samples", self.eval_num_samples, "an integer >= 0")
+            require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        require(self.eval_num_samples >= 0, "eval_num_samples", self.eval_num_samples, "an integer >= 0")
         for name in ("seed", "eval_seed"):
-            _require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
-        _require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,
+            require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
+        require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,
                  "empty (torch's default) or an integer >= 1")
         for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "lora_alpha"):
             value = getattr(self, name)
-            _require(math.isfinite(value) and value > 0, name, value, "a finite number > 0")
+            require(math.isfinite(value) and value > 0, name, value, "a finite number > 0")
         for name in ("train_adam_beta1", "train_adam_beta2"):
-            _require(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "a number in [0, 1)")
-        _require(self.train_adam_weight_decay >= 0, "train_adam_weight_decay", self.train_adam_weight_decay, ">= 0")
-        _require(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", self.mixed_precision,
+            require(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "a number in [0, 1)")
+        require(self.train_adam_weight_decay >= 0, "train_adam_weight_decay", self.train_adam_weight_decay, ">= 0")
+        require(self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", self.mixed_precision,
                  "one of " + ", ".join(MIXED_PRECISIONS))
-        _require(self.log_with is None or self.log_with in TRACKERS, "log_with", self.log_with,
+        require(self.log_with is None or self.log_with in TRACKERS, "log_with", self.log_with,
                  "empty or one of " + ", ".join(TRACKERS))
         for name in ("resolution", "height", "width"):
             value = getattr(self, name)
-            _require(value is None or (8 <= value <= MAX_IMAGE_SIZE and value % 8 == 0), name, value,
+            require(value is None or (8 <= value <= MAX_IMAGE_SIZE and value % 8 == 0), name, value,
                      f"empty or a positive multiple of 8 (the VAE downsampling factor), at most {MAX_IMAGE_SIZE}")
-        _require(bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
+        require(bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
                  "lora_target_modules", self.lora_target_modules,
                  "a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0")
-        _require(bool(self.pretrained_model.strip()), "pretrained_model", self.pretrained_model,
+        require(bool(self.pretrained_model.strip()), "pretrained_model", self.pretrained_model,
                  "a hub id or a folder")
-        _require(not _looks_like_hub_id(self.pretrained_model) or _is_hub_id(self.pretrained_model),
+        require(not _looks_like_hub_id(self.pretrained_model) or is_hub_id(self.pretrained_model),
                  "pretrained_model", self.pretrained_model, "a local folder or a hub id (owner/name: " + HUB_ID_RULES
                  + ")")
-        _require(bool(self.pretrained_revision.strip()), "pretrained_revision", self.pretrained_revision,
+        require(bool(self.pretrained_revision.strip()), "pretrained_revision", self.pretrained_revision,
                  "a hub branch, tag or commit, e.g. main")
-        _require(bool(str(self.output_dir or "").strip()), "output_dir", self.output_dir, "a folder path")
-        _require(bool(self.logdir.strip()), "logdir", self.logdir, "a folder path (relative to output_dir)")
-        _require(bool(self.tracker_project_name.strip()), "tracker_project_name", self.tracker_project_name,
+        require(bool(str(self.output_dir or "").strip()), "output_dir", self.output_dir, "a folder path")
+        require(bool(self.logdir.strip()), "logdir", self.logdir, "a folder path (relative to output_dir)")
+        require(bool(self.tracker_project_name.strip()), "tracker_project_name", self.tracker_project_name,
                  "a name")
-        _require(bool(self.exp_name.strip()), "exp_name", self.exp_name, "a name")
-        _require(self.run_name == "" or bool(self.run_name.strip()), "run_name", self.run_name,
+        require(bool(self.exp_name.strip()), "exp_name", self.exp_name, "a name")
+        require(self.run_name == "" or bool(self.run_name.strip()), "run_name", self.run_name,
                  "a name, or empty for exp_name")
         for key, value in self.tracker_kwargs.items():  # accelerate reads init_kwargs[<tracker name>] only
             hint = did_you_mean(str(key), TRACKERS[:-1])
-            _require(key in TRACKERS[:-1], "tracker_kwargs", f"key {key!r}",
+            require(key in TRACKERS[:-1], "tracker_kwargs", f"key {key!r}",
                      "keys naming a tracker: " + ", ".join(TRACKERS[:-1]) + (f" ({hint})" if hint else ""))
-            _require(isinstance(value, dict), f"tracker_kwargs.{key}", value,
+            require(isinstance(value, dict), f"tracker_kwargs.{key}", value,
                      f"a mapping of {key}'s init arguments, e.g. {{{key}: {{name: run1}}}}")
-        _check_accelerator_kwargs(self.accelerator_kwargs)
-        _require(bool(self.rewards), "rewards", self.rewards, "at least one {name, weight}")
+        check_accelerator_kwargs(self.accelerator_kwargs)
+        require(bool(self.rewards), "rewards", self.rewards, "at least one {name, weight}")
         for i, reward in enumerate(self.rewards):
-            _require(math.isfinite(reward.weight), f"rewards[{i}].weight", reward.weight, "a finite number")
-            _require(abs(reward.weight) <= FLOAT32_MAX, f"rewards[{i}].weight", reward.weight,
+            require(math.isfinite(reward.weight), f"rewards[{i}].weight", reward.weight, "a finite number")
+            require(abs(reward.weight) <= FLOAT32_MAX, f"rewards[{i}].weight", reward.weight,
                      f"a finite number within float32's range (|x| <= {FLOAT32_MAX:.4g})")
         total = sum(r.weight for r in self.rewards)
-        _require(total > 0, "rewards", f"weights summing to {total:g}",
+        require(total > 0, "rewards", f"weights summing to {total:g}",
                  "weights whose sum is > 0 (the loss maximises the weighted sum)")
         names = [r.name for r in self.rewards]
         dupes = sorted({n for n in names if names.count(n) > 1})
-        _require(not dupes, "rewards", ", ".join(dupes), "each reward name at most once (merge their weights)")
+        require(not dupes, "rewards", ", ".join(dupes), "each reward name at most once (merge their weights)")
         if self.push_to_hub and not (self.hub_model_id or Path(self.output_dir).name):
             raise ConfigError("hub_model_id: required with push_to_hub")
         if self.push_to_hub:  # the repo id defaults to output_dir's name
             repo_id = self.hub_model_id or Path(self.output_dir).resolve().name
-            if not _is_hub_id(repo_id):
+            if not is_hub_id(repo_id):
                 raise ConfigError(f"hub_model_id: got {self.hub_model_id!r}"
                                   + ("" if self.hub_model_id else f" (so output_dir's name {repo_id!r})")
                                   + ", allowed: a hub repo id, name or owner/name: " + HUB_ID_RULES)
@@ -388,52 +373,6 @@ def field_docs() -> list[tuple[str, str, Any, str, str]]:
     return docs
 
 
-def preset_names() -> list[str]:
-    """The bundled presets (``alignprop_core/presets/*.yaml``)."""
-    folder = resources.files("alignprop_core").joinpath("presets")
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def read_preset(name: str) -> dict[str, Any]:
-    """The mapping of bundled preset ``name``, or a one-line :class:`ConfigError` listing the presets."""
-    if name not in preset_names():
-        hint = did_you_mean(str(name), preset_names())
-        raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(preset_names())}"
-                          + (f"; {hint}" if hint else ""))
-    with resources.as_file(resources.files("alignprop_core").joinpath("presets", f"{name}.yaml")) as path:
-        return read_config_file(path)
-
-
-def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping in a YAML/TOML config file, or a one-line :class:`ConfigError`."""
-    from alignprop_core.paths import read_text
-
-    if not str(path).strip():
-        raise ConfigError("config file: got an empty path; pass the path to a .yaml or .toml file")
-    shown, path = path, Path(path).expanduser()
-    if path.is_dir():
-        raise ConfigError(f"config file '{shown}' is a folder; pass the path to a .yaml or .toml file")
-    if not path.is_file():
-        raise ConfigError(f"config file '{shown}' does not exist; pass the path to a .yaml or .toml file")
-    text = read_text(path, f"config file '{shown}'", "pass a .yaml or .toml file")
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except Exception as exc:
-        first = first_line(exc) or type(exc).__name__
-        raise ConfigError(f"config file '{path}' is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: "
-                          f"{first}") from exc
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of field: value")
-    return data
-
-
 def coerce(name: str, value: Any) -> Any:
     """Turn a command-line string (or YAML value) into the type of field ``name``."""
     kind = field_type(name)
@@ -460,7 +399,7 @@ def coerce(name: str, value: Any) -> Any:
     if base == "str":
         return value
     if name == "rewards" and not text.startswith(("[", "{", "-")):
-        return [_parse_reward_shorthand(item) for item in text.split(",") if item.strip()]
+        return [parse_reward_shorthand(item) for item in text.split(",") if item.strip()]
     if name in ("image_loggers", "lora_target_modules") and not text.startswith(("[", "{", "-")):
         return [item.strip() for item in text.split(",") if item.strip()]
     if name == "truncated_rand_backprop_minmax" and not text.startswith("["):
@@ -476,173 +415,6 @@ def coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: could not parse '{value}' as YAML") from None
 
 
-def _parse_reward_shorthand(item: str) -> dict[str, Any]:
-    name, _, weight = item.strip().partition(":")
-    try:
-        return {"name": name.strip(), "weight": float(weight) if weight else 1.0}
-    except ValueError:
-        raise ConfigError(f"rewards: bad weight in '{item}'; write name:weight, e.g. aesthetic:1.0") from None
-
-
-def _as_list(value: Any, name: str) -> list:
-    if value is None:
-        return []
-    if isinstance(value, (str, dict)) or dataclasses.is_dataclass(value):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
-
-
-def _as_plugin_spec(value: Any, name: str) -> PluginSpec:
-    if isinstance(value, PluginSpec):
-        return value
-    if isinstance(value, str):
-        return PluginSpec(value)
-    if isinstance(value, dict):
-        extra = set(value) - {"name", "options"}
-        if "name" not in value or extra:
-            raise ConfigError(f"{name}: each entry needs 'name' and optional 'options', got keys {sorted(value)}")
-        options = value.get("options") or {}
-        if not isinstance(options, dict):
-            raise ConfigError(f"{name}: 'options' must be a mapping, got {type(options).__name__}")
-        return PluginSpec(str(value["name"]), dict(options))
-    raise ConfigError(f"{name}: expected a name or {{name, options}}, got {type(value).__name__}")
-
-
-def _as_rewards(value: Any) -> list[RewardSpec]:
-    specs = []
-    for item in _as_list(value, "rewards"):
-        if isinstance(item, RewardSpec):
-            specs.append(item)
-            continue
-        if isinstance(item, str):
-            item = _parse_reward_shorthand(item)
-        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "weight", "options"}:
-            raise ConfigError("rewards: each entry needs 'name' and optional 'weight' and 'options', "
-                              f"got {item!r}")
-        options = item.get("options") or {}
-        if not isinstance(options, dict):
-            raise ConfigError(f"rewards: 'options' of '{item['name']}' must be a mapping")
-        weight = item.get("weight", 1.0)
-        if isinstance(weight, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; top-level floats accept it too
-            try:
-                weight = float(weight)
-            except ValueError:
-                pass
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"rewards: weight of '{item['name']}' must be a number, got {weight!r}")
-        specs.append(RewardSpec(str(item["name"]), float(weight), dict(options)))
-    return specs
-
-
-def _apply_trl_truncation(config: AlignPropConfig) -> None:
-    """TRL counts *detached* steps: with ``truncated_backprop_timestep`` t of N steps the last N - t keep gradients;
-    with ``truncated_rand_backprop_minmax`` (a, b) TRL detaches a random count in [a, b]. So K = N - t (fixed) or
-    K ~ U[max(1, N - b), N - a] (uniform), with TRL's defaults for the fields not given (rand true, t 49, (0, 50)).
-    A ``truncation*`` field that was set to something else than its default and disagrees is an error."""
-    steps = config.sample_num_steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        return  # validate() reports sample_num_steps
-    rand = True if config.truncated_backprop_rand is None else config.truncated_backprop_rand
-    timestep = 49 if config.truncated_backprop_timestep is None else config.truncated_backprop_timestep
-    minmax = [0, 50] if config.truncated_rand_backprop_minmax is None else config.truncated_rand_backprop_minmax
-    _check_type("truncated_backprop_rand", rand, "bool")
-    _check_type("truncated_backprop_timestep", timestep, "int")
-    if not (isinstance(minmax, list) and len(minmax) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                  for v in minmax)):
-        raise ConfigError(f"truncated_rand_backprop_minmax: got {minmax!r}, allowed: two integers [a, b]")
-    if rand:
-        low, high = minmax
-        _require(0 <= low <= high and low < steps, "truncated_rand_backprop_minmax", minmax,
-                 f"[a, b] with 0 <= a <= b and a < sample_num_steps={steps} (a = {steps} or more detaches every "
-                 "step, so no step would keep a gradient)")
-        wanted = {"truncation": "uniform", "truncation_min": max(1, steps - high), "truncation_max": steps - low}
-    else:
-        _require(0 <= timestep < steps, "truncated_backprop_timestep", timestep,
-                 f"an integer in [0, sample_num_steps - 1 = {steps - 1}] (t = {steps} or more detaches every step, "
-                 "so no step would keep a gradient)")
-        wanted = {"truncation": "fixed", "truncation_k": steps - timestep}
-    defaults = {"truncation": "uniform", "truncation_k": 1, "truncation_min": 1, "truncation_max": None}
-    earlier = getattr(config, "_trl_translation", {})  # what an earlier translation set is not the user's value
-    given = ", ".join(f"{n}={getattr(config, n)!r}" for n in TRL_TRUNCATION_FIELDS if getattr(config, n) is not None)
-    for name, value in wanted.items():
-        current = getattr(config, name)
-        if current not in (defaults[name], value, earlier.get(name)):
-            raise ConfigError(f"{name}: got {current!r}, but TRL's {given} means {name}={value!r}; give the "
-                              "truncation in one spelling (truncation* or TRL's truncated_backprop_*)")
-    for name, value in wanted.items():
-        setattr(config, name, value)
-    config._trl_translation = wanted
-
-
-def _apply_project_kwargs(config: AlignPropConfig) -> None:
-    """TRL scripts pass accelerate ``ProjectConfiguration`` keys; alignprop writes everything under ``output_dir``:
-    ``project_dir`` is output_dir (it replaces the default one), ``total_limit`` is num_checkpoint_limit,
-    ``automatic_checkpoint_naming`` is what alignprop always does (checkpoints/checkpoint-<step>), ``logging_dir``
-    is the tracker folder (see ``tracker_logging_dir``)."""
-    kwargs = config.project_kwargs
-    unknown = sorted(str(k) for k in kwargs if k not in PROJECT_KWARGS)
-    if unknown:
-        hint = did_you_mean(unknown[0], PROJECT_KWARGS)
-        hint = f" ({hint})" if hint else ""
-        raise ConfigError(f"project_kwargs: unknown key '{unknown[0]}'{hint}; allowed: {', '.join(PROJECT_KWARGS)}"
-                          + ("; checkpoints are numbered by step, drop 'iteration'" if unknown[0] == "iteration"
-                             else ""))
-    for key in ("project_dir", "logging_dir"):
-        if key in kwargs and not (isinstance(kwargs[key], (str, os.PathLike)) and str(kwargs[key])):
-            raise ConfigError(f"project_kwargs.{key}: got {kwargs[key]!r}, allowed: a folder path")
-    for key in ("automatic_checkpoint_naming", "save_on_each_node"):
-        if key in kwargs and not isinstance(kwargs[key], bool):
-            raise ConfigError(f"project_kwargs.{key}: got {kwargs[key]!r}, allowed: true or false")
-    if "project_dir" in kwargs:
-        project_dir = os.path.expanduser(str(kwargs["project_dir"]))
-        if config._output_dir_derived:
-            config.output_dir = project_dir
-        elif os.path.abspath(project_dir) != os.path.abspath(config.output_dir):
-            raise ConfigError(f"project_kwargs.project_dir: got '{project_dir}' but output_dir is "
-                              f"'{config.output_dir}'; alignprop writes the whole run to output_dir: drop one of them "
-                              "or make them equal")
-    if "total_limit" in kwargs:
-        limit = kwargs["total_limit"]
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"project_kwargs.total_limit: got {limit!r}, allowed: an integer >= 1 (it sets "
-                              "num_checkpoint_limit)")
-        if config.num_checkpoint_limit not in (5, limit):
-            raise ConfigError(f"num_checkpoint_limit: got {config.num_checkpoint_limit}, but project_kwargs.total_limit"
-                              f" is {limit}; give the checkpoint limit once")
-        config.num_checkpoint_limit = limit
-
-
-def _check_accelerator_kwargs(kwargs: dict[str, Any]) -> None:
-    """Every key must be an ``accelerate.Accelerator`` argument that no config field sets already."""
-    if not kwargs:
-        return
-    import inspect
-
-    from accelerate import Accelerator
-
-    parameters = inspect.signature(Accelerator.__init__).parameters
-    allowed = set(parameters) - {"self", "kwargs"}
-    for key, value in kwargs.items():
-        if key in ACCELERATOR_ARGS_FROM_FIELDS:
-            raise ConfigError(f"accelerator_kwargs: '{key}' is set by the config field "
-                              f"'{ACCELERATOR_ARGS_FROM_FIELDS[key]}'; set that field instead")
-        if key not in allowed:
-            hint = did_you_mean(str(key), sorted(allowed))
-            hint = f" ({hint})" if hint else ""
-            raise ConfigError(f"accelerator_kwargs: unknown key '{key}'{hint}; allowed: the keyword arguments of "
-                              "accelerate.Accelerator")
-        if parameters[key].annotation in (bool, "bool"):
-            _require(isinstance(value, bool), f"accelerator_kwargs.{key}", value, "true or false")
-        if key == "dynamo_backend" and value is not None:
-            from accelerate.utils import DynamoBackend
-
-            backends = [b.value.lower() for b in DynamoBackend]
-            _require(str(value).lower() in backends, "accelerator_kwargs.dynamo_backend", value,
-                     "one of " + ", ".join(backends))
-
-
 def _script_name() -> str:
     """TRL's ``exp_name`` default: the running script's file name without its extension."""
     return (Path(sys.argv[0]).stem if sys.argv and sys.argv[0] else "") or "alignprop"
@@ -651,67 +423,18 @@ def _script_name() -> str:
 def _looks_like_hub_id(model: str) -> bool:
     """``model`` is what ``pipelines.resolve_model_path`` treats as a hub id (not a tiny id, alias or local path)."""
     from alignprop_core.models import MODEL_ALIASES
-    from alignprop_core.tiny import TINY_MODEL_ID, TINY_SDXL_MODEL_ID
+    from alignprop_core.tiny import TINY_MODELS
 
-    if model in (TINY_MODEL_ID, TINY_SDXL_MODEL_ID) or model in MODEL_ALIASES:
+    if model in TINY_MODELS or model in MODEL_ALIASES:
         return False
     return not (Path(model).expanduser().exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
                 or "\\" in model)
 
 
-def _is_hub_id(value: str) -> bool:
-    """Whether ``value`` is a valid Hugging Face Hub repo id (huggingface_hub raises a traceback on others)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _hide_from_hf_argparser(cls: type, names: tuple[str, ...]) -> None:
-    """HfArgumentParser skips fields whose ``init`` flag is off. TRL's example scripts parse
-    ``(ScriptArguments, AlignPropConfig)`` where ScriptArguments already declares ``pretrained_model``,
-    ``pretrained_revision`` and ``use_lora``; argparse refuses an option declared twice. Turning the flag off after
-    the dataclass has generated ``__init__`` keeps these fields in the constructor, YAML and our CLI, and hides them
-    from HfArgumentParser only (``dataclasses.replace`` cannot set them: use ``AlignPropConfig.replace``)."""
-    for f in dataclasses.fields(cls):
-        if f.name in names:
-            f.init = False
-
-
 def field_type(name: str) -> str:
     """The declared type of field ``name`` as written in the class (e.g. ``Optional[int]``). Read from the class
     annotations, not from ``dataclasses.fields``: HfArgumentParser overwrites ``Field.type`` in place."""
-    return _type_name(AlignPropConfig.__annotations__[name])
+    return type_name(AlignPropConfig.__annotations__[name])
 
 
-def _type_name(tp: Any) -> str:
-    text = tp if isinstance(tp, str) else getattr(tp, "__name__", str(tp))
-    return text.replace("typing.", "")
-
-
-def _check_type(name: str, value: Any, tp: Any) -> None:
-    kind = _type_name(tp)
-    if kind.startswith("Optional["):
-        if value is None:
-            return
-        kind = kind[len("Optional["):-1]
-    expected = {"int": int, "float": (int, float), "str": str, "bool": bool}.get(kind)
-    if expected is None:
-        if kind.startswith("dict") and not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
-        if kind.startswith("list") and not isinstance(value, list):
-            raise ConfigError(f"{name}: expected a list, got {type(value).__name__}")
-        return
-    if isinstance(value, bool) and kind != "bool" or not isinstance(value, expected):
-        raise ConfigError(f"{name}: expected {kind}, got {value!r} ({type(value).__name__})")
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: got {value!r}, allowed: {allowed}")
-
-
-_hide_from_hf_argparser(AlignPropConfig, HF_ARGPARSER_HIDDEN)
+hide_from_hf_argparser(AlignPropConfig)

@@ -7,6 +7,14 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def error_text(exc: BaseException, limit: int = 160) -> str:
+    """``"ExcType: first line of the message"``, cut to ``limit`` characters, for "could not load ..." messages."""
+    text = first_line(exc)
+    if len(text) > limit:
+        text = text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class AlignPropError(Exception):
     """Bad input or environment. The CLI prints ``error: <message>`` and exits with status 2."""
 

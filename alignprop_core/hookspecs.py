@@ -1,4 +1,5 @@
-"""The alignprop plugin hooks: these docstrings are the API reference for plugin authors.
+"""The alignprop plugin hooks: these docstrings are the API reference for plugin authors (``docs/plugins.md`` is
+the guide, with examples).
 
 A plugin is a module (or any object) with functions decorated by :data:`hookimpl`, published in the
 ``alignprop`` entry-point group of its package::
@@ -6,8 +7,13 @@ A plugin is a module (or any object) with functions decorated by :data:`hookimpl
     [project.entry-points.alignprop]
     my_reward = "my_package.plugin"
 
-Each hook receives one argument, ``register``, a function to call once per thing the plugin provides. Names
-are global across all installed plugins: registering a name twice is an error that names both plugins.
+A plugin imports from :mod:`alignprop_core.plugin_api` only. Each hook receives one argument, ``register``, a
+function to call once per thing the plugin provides: ``register(name, factory, description="")``. Names are global
+across all installed plugins: registering a name twice is an error that names both plugins. A hook that raises is
+warned about once and its plugin's names are missing; the other plugins still work.
+
+Factories are called with the entry's ``options`` as keyword arguments (options a factory does not accept are a
+one-line error before it is called); they should check their options and raise a one-line ``PluginError``.
 """
 
 from pluggy import HookimplMarker, HookspecMarker
@@ -30,9 +36,12 @@ def register_rewards(register):
       (e.g. ``{"questions": [...], "answers": [...]}`` from the ``counting`` source);
     - the result is a tensor of shape ``[B]``, higher is better, differentiable with respect to ``images``.
 
-    If the reward is (or has) a ``torch.nn.Module``, the trainer moves it with ``reward.to(device)`` and
-    freezes it (``eval()``, ``requires_grad_(False)``) so that its own parameters never receive gradients.
-    Factories should import heavy libraries lazily and load weights only when called.
+    If the reward is a ``torch.nn.Module``, the trainer moves it with ``reward.to(device)`` and freezes it
+    (``eval()``, ``requires_grad_(False)``) so that its own parameters never receive gradients; subclass
+    ``plugin_api.FrozenReward`` to keep it frozen outside the trainer too. It is called under the trainer's autocast
+    with images on that device. The trainer checks every result (a float tensor ``[B]`` with a ``grad_fn``; a TRL-style
+    ``(rewards, info)`` tuple is accepted). Factories should import heavy libraries lazily and load weights only when
+    called.
     """
 
 
@@ -57,7 +66,9 @@ def register_prompt_sources(register):
     """Register prompt sources by name.
 
     Call ``register(name, factory, description="")``. ``factory(**options)`` returns a callable taking no
-    arguments that returns one ``(prompt: str, metadata: dict)`` pair per call (TRL's ``prompt_fn``).
-    Draw randomness from Python's global ``random`` (or numpy's global) generator: the trainer seeds it before every
-    call from the step and the sample's index, so a resumed run draws the same prompts without storing any RNG state.
+    arguments that returns one ``(prompt: str, metadata: dict)`` pair per call (TRL's ``prompt_fn``); ``metadata``
+    is passed on to the rewards and image loggers. Draw randomness from Python's global ``random`` (or numpy's
+    global) generator: the trainer seeds both before every call from ``(seed, step, sample index)`` (evaluation
+    samples: from ``eval_seed`` and the index) and restores them after, so a resumed run draws the same prompts
+    without any RNG state in its checkpoints. Do not keep a private generator or a counter.
     """

@@ -9,33 +9,28 @@ tensorboard and wandb are optional dependencies, imported only when their logger
 
 from __future__ import annotations
 
-import datetime
-import html
+import importlib.util
 import json
-import math
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from alignprop_core import options
+from alignprop_core.checkpoints import CONFIG_NAME, METRICS_NAME, read_jsonl, read_metrics, writable_problem
 from alignprop_core.errors import PluginError
-
-#: optional package -> (import name, pip install argument)
-OPTIONAL_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+from alignprop_core.pages import gallery_html
 
 
 def require_package(name: str, purpose: str) -> None:
-    """Raise a one-line :class:`PluginError` naming ``pip install ...`` when optional package ``name`` is missing."""
-    module, pip_name = OPTIONAL_PACKAGES.get(name, (name, name))
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise PluginError(f"{purpose} needs the '{pip_name}' package, which is not installed: pip install {pip_name} "
+    """Raise a one-line :class:`PluginError` naming ``pip install ...`` when optional package ``name`` is missing
+    (``name`` is its import name, its pip name and its extra alike: tensorboard, wandb)."""
+    if importlib.util.find_spec(name) is None:
+        raise PluginError(f"{purpose} needs the '{name}' package, which is not installed: pip install {name} "
                           f"(or pip install 'alignprop-core[{name}]')")
 
 
@@ -80,15 +75,14 @@ def as_pil_list(value: Any) -> list:
 def _check_folder(owner: str, option: str, folder: Path) -> None:
     """A folder an image logger will write into must be creatable: checked when the logger is built, before any
     training, so a bad option never fails mid-run."""
-    from alignprop_core.checkpoints import writable_problem
-
     problem = writable_problem(folder)
     if problem:
         raise PluginError(f"{owner}: cannot write to '{folder}' ({problem}); set the '{option}' option to a writable "
                           "folder")
 
 
-def _slug(text: str, limit: int = 60) -> str:
+def slug(text: str, limit: int = 60) -> str:
+    """``text`` as a file-name part: runs of other characters than letters, digits, ``._-`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.")[:limit] or "image"
 
 
@@ -166,7 +160,7 @@ class ImageLogSink:
         with open(self.fallback_dir / "images.jsonl", "a", encoding="utf-8") as index:
             for key, pils in images.items():
                 for i, pil in enumerate(pils):
-                    file = folder / f"{number:03d}-{_slug(key)}{f'-{i}' if len(pils) > 1 else ''}.png"
+                    file = folder / f"{number:03d}-{slug(key)}{f'-{i}' if len(pils) > 1 else ''}.png"
                     pil.save(file)
                     index.write(json.dumps({"step": step, "key": key, "file": str(file.relative_to(
                         self.fallback_dir))}) + "\n")
@@ -211,11 +205,6 @@ def _caption(prompt: str, scores: dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------- folder
-
-#: Files the trainer writes next to the logger's folder (``trainer.METRICS_NAME``; named here, not imported, because
-#: the trainer imports this module).
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "alignprop_config.yaml"
 
 
 class FolderLogger:
@@ -290,10 +279,10 @@ class FolderLogger:
         """Regenerate ``index.html`` from ``samples.jsonl``, ``fixed.jsonl`` (only images that exist are shown), the
         run's ``metrics.jsonl`` and ``alignprop_config.yaml`` (each optional); returns its path."""
         self.root.mkdir(parents=True, exist_ok=True)
-        records = self._existing(_read_jsonl(self.root / "samples.jsonl"))
-        fixed = self._existing(_read_jsonl(self.root / "fixed.jsonl"))
-        metrics, evals = read_metrics(self.output_dir / METRICS_FILE)
-        config_file = self.output_dir / CONFIG_FILE
+        records = self._existing(read_jsonl(self.root / "samples.jsonl"))
+        fixed = self._existing(read_jsonl(self.root / "fixed.jsonl"))
+        metrics, evals = read_metrics(self.output_dir / METRICS_NAME)
+        config_file = self.output_dir / CONFIG_NAME
         config_text = config_file.read_text(encoding="utf-8", errors="replace") if config_file.is_file() else None
         page = gallery_html(records, self.title, refresh_seconds=self.refresh_seconds, metrics=metrics, evals=evals,
                             fixed=fixed, config_text=config_text)
@@ -311,352 +300,6 @@ class FolderLogger:
 
     def _existing(self, records: list[dict]) -> list[dict]:
         return [r for r in records if isinstance(r.get("file"), str) and (self.root / r["file"]).is_file()]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)  # also takes the NaN that older runs wrote
-        except ValueError:  # a line cut short by an interrupted run
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def _finite(value: Any) -> Optional[float]:
-    """A finite number as float, else None (null, NaN, inf, strings, booleans)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """The training rows of a ``metrics.jsonl`` sorted by step (one per step: a resumed run redoes the steps after
-    its checkpoint, and the row written last wins) and its eval rows (``"eval": "before" | "after"``), in file
-    order. Rows without a numeric ``step`` are dropped; a missing file gives ``([], [])``."""
-    train: dict[int, dict] = {}
-    evals: list[dict] = []
-    for row in _read_jsonl(path):
-        if _finite(row.get("step")) is None:
-            continue
-        if "eval" in row:
-            evals.append(row)
-        else:
-            train[int(row["step"])] = row
-    return [train[step] for step in sorted(train)], evals
-
-
-#: training metrics charted after the rewards: (metrics.jsonl key, chart title)
-_METRIC_CHARTS = (("loss", "loss"), ("grad_norm", "grad norm (before clipping)"), ("k", "K (backprop steps)"),
-                  ("step_time", "step time (s)"))
-
-
-def metric_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """``{chart title: [(step, value), ...]}`` from training rows: the weighted reward (when it is not simply the
-    one reward), each reward, loss, grad norm, K and step time; null and non-finite values are left out."""
-
-    def points(key: str) -> list[tuple[int, float]]:
-        return [(int(row["step"]), value) for row in rows if (value := _finite(row.get(key))) is not None]
-
-    components = list(dict.fromkeys(key[len("reward/"):-len("_mean")] for row in rows for key in row
-                                    if key.startswith("reward/") and key.endswith("_mean")))
-    series = {} if len(components) == 1 else {"reward (weighted)" if components else "reward": points("reward_mean")}
-    series.update({name: points(f"reward/{name}_mean") for name in components})
-    series.update({title: points(key) for key, title in _METRIC_CHARTS})
-    return {title: values for title, values in series.items() if values}
-
-
-_CSS = """
-*{box-sizing:border-box}
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f6f4;color:#222}
-header{padding:16px 24px;background:#20242b;color:#eee}header h1{margin:0 0 4px;font-size:20px;word-break:break-word}
-header p{margin:0;color:#bbb;font-size:13px}main{padding:8px 24px 40px;max-width:1600px}
-h2{font-size:16px;margin:24px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
-h2 small{font-weight:normal;color:#666;margin-left:8px}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:12px}
-figure{margin:0;background:#fff;border:1px solid #ddd;border-radius:6px;overflow:hidden}
-figure img{width:100%;display:block;image-rendering:auto;background:#ccc}
-figcaption{padding:6px 8px;font-size:12px}figcaption .prompt{font-weight:600;margin-bottom:4px;word-break:break-word}
-table.scores{border-collapse:collapse;width:100%}table.scores td{padding:1px 0}
-table.scores td.v{text-align:right;font-variant-numeric:tabular-nums}
-nav{font-size:12px;margin:12px 0;line-height:1.8}nav a{margin-right:6px;color:#2a5db0}
-.charts{display:flex;flex-wrap:wrap;gap:12px}
-.chart{flex:1 1 260px;max-width:420px;padding:4px 6px}.chart svg{display:block;width:100%;height:auto}
-.chart figcaption{padding:2px 2px 4px}.chart .last{font-variant-numeric:tabular-nums;margin-left:6px}
-.chart small{color:#666}
-details{background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px 10px;margin-top:12px}
-summary{cursor:pointer;font-size:13px;word-break:break-word}
-pre{overflow-x:auto;max-width:100%;font-size:12px;margin:8px 0 2px}
-.wide{overflow-x:auto;max-width:100%}
-table.eval{border-collapse:collapse;background:#fff;font-size:13px}
-table.eval th,table.eval td{border:1px solid #ddd;padding:4px 10px;text-align:right;font-variant-numeric:tabular-nums}
-table.eval th:first-child,table.eval td:first-child{text-align:left}
-.up{color:#1a7f37}.down{color:#c62828}
-.fixed-row{margin-bottom:12px}.fixed-row .prompt{font-size:13px;font-weight:600;margin:4px 0;word-break:break-word}
-.fixed-row small{font-weight:normal;color:#666}
-.strip{display:flex;flex-wrap:wrap;gap:6px}.strip figure{width:112px;max-width:30%}
-.strip figcaption{padding:2px 4px;text-align:center;font-variant-numeric:tabular-nums}
-@media (max-width:560px){header,main{padding-left:10px;padding-right:10px}
-.grid{grid-template-columns:repeat(auto-fill,minmax(140px,1fr));gap:8px}}
-"""
-
-_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
-
-
-def gallery_html(records: list[dict], title: str, refresh_seconds: int = 0, *, metrics: Optional[list[dict]] = None,
-                 evals: Optional[list[dict]] = None, fixed: Optional[list[dict]] = None,
-                 config_text: Optional[str] = None) -> str:
-    """A self-contained HTML page (inline CSS and SVG, no scripts): the run config (collapsed), the eval
-    before/after table, one chart per series (training ``metrics`` rows; without them each reward's batch mean over
-    the logged ``records``), the ``fixed``-prompt strip across steps, then ``records`` grouped by step, newest first,
-    each image with its prompt and every score. Each part is left out when its data is absent."""
-    esc = html.escape
-    steps: dict[int, list[dict]] = {}
-    for record in records:
-        steps.setdefault(int(record["step"]), []).append(record)
-    components = sorted({name for r in records for name in r.get("rewards", {})})
-    # the weighted total is shown when it is not simply the one reward
-    names = components if len(components) == 1 else ["reward"] + components
-    series = metric_series(metrics or [])
-    chart_note = "per training step, from metrics.jsonl"
-    if not series and len(steps) > 1:  # an older run or a logger used on its own: the logged batches' means
-        series = {name: [(step, _mean([_score(r, name) for r in group])) for step, group in sorted(steps.items())]
-                  for name in names}
-        chart_note = "batch mean of the logged samples (no metrics.jsonl)"
-    head = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            + (f'<meta http-equiv="refresh" content="{refresh_seconds}">' if refresh_seconds > 0 else "")
-            + f"<style>{_CSS}</style></head><body>")
-    updated = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    span = f"steps {min(steps)}–{max(steps)}" if steps else "no steps yet"
-    parts = [head, f"<header><h1>{esc(title)}</h1><p>{len(records)} images from {len(steps)} logged steps "
-             f"({span}); newest first; updated {updated}.</p></header><main>"]
-    sections = [("config", "config", _config_html(config_text)), ("eval", "eval", _eval_table_html(evals or [])),
-                ("charts", "charts", _charts_html(series, chart_note)),
-                ("fixed", "fixed prompts", _fixed_strip_html(fixed or []))]
-    sections = [s for s in sections if s[2]]
-    if sections and steps:
-        parts.append("<nav>" + " · ".join(f'<a href="#{anchor}">{label}</a>' for anchor, label, _ in sections)
-                     + ' · <a href="#samples">samples</a></nav>')
-    parts += [body for _, _, body in sections]
-    parts.append('<div id="samples"></div>')
-    if steps:
-        parts.append("<nav>steps: " + " ".join(f'<a href="#step-{s}">{s}</a>' for s in sorted(steps, reverse=True))
-                     + "</nav>")
-    for step in sorted(steps, reverse=True):
-        group = steps[step]
-        summary = " · ".join(f"{esc(name)} {_mean([_score(r, name) for r in group]):.4g}" for name in names
-                             if any(_score(r, name) is not None for r in group))
-        parts.append(f'<section id="step-{step}"><h2>step {step}<small>batch mean: {summary}</small></h2>'
-                     '<div class="grid">')
-        for record in group:
-            rows = "".join(f'<tr><td>{esc(name)}</td><td class="v">{_score(record, name):.4f}</td></tr>'
-                           for name in names if _score(record, name) is not None)
-            src = esc(record["file"], quote=True)
-            prompt = esc(str(record["prompt"]))
-            parts.append(f'<figure><a href="{src}"><img src="{src}" alt="{prompt}" loading="lazy"></a>'
-                         f'<figcaption><div class="prompt">{prompt}</div><table class="scores">{rows}</table>'
-                         "</figcaption></figure>")
-        parts.append("</div></section>")
-    if not steps:
-        parts.append("<p>No samples logged yet.</p>")
-    parts.append("</main></body></html>\n")
-    return "".join(parts)
-
-
-def _score(record: dict, name: str) -> Optional[float]:
-    return record.get("reward") if name == "reward" else record.get("rewards", {}).get(name)
-
-
-def _mean(values: Iterable[Optional[float]]) -> float:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else float("nan")
-
-
-def _config_html(text: Optional[str]) -> str:
-    """The run's config YAML, collapsed, under a one-line summary of the fields that identify a run."""
-    if not text:
-        return ""
-    import yaml
-
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError:
-        config = None
-    facts = []
-    if isinstance(config, dict):
-        rewards = config.get("rewards")
-        if isinstance(rewards, list):
-            facts.append("rewards " + ", ".join(f"{r.get('name')}×{r.get('weight', 1)}" if isinstance(r, dict)
-                                                else str(r) for r in rewards))
-        labels = (("pretrained_model", "model"), ("num_epochs", "steps"), ("train_batch_size", "batch"),
-                  ("train_learning_rate", "lr"), ("truncation", "truncation"), ("lora_rank", "LoRA rank"),
-                  ("seed", "seed"))
-        facts += [f"{label} {config[key]}" for key, label in labels if config.get(key) is not None]
-    summary = " · ".join(html.escape(str(fact)) for fact in facts) or CONFIG_FILE
-    return (f'<section id="config"><details><summary><b>run config</b> {summary}</summary>'
-            f"<pre>{html.escape(text)}</pre></details></section>")
-
-
-def _eval_table_html(evals: list[dict]) -> str:
-    """The fixed-seed eval rows as a table: a row per reward, a column per eval (``before``/``after`` at their
-    steps) and the change from the first to the last."""
-    columns: dict[tuple[int, str], dict] = {}
-    for row in evals:  # a rerun of the same eval (a resumed run) replaces the earlier one
-        columns[(int(row["step"]), str(row.get("eval")))] = row
-    if not columns:
-        return ""
-    ordered = [columns[key] for key in sorted(columns, key=lambda k: (k[0], k[1] != "before"))]
-    names = list(dict.fromkeys(key[len("eval/"):-len("_mean")] for row in ordered for key in row
-                               if key.startswith("eval/") and key.endswith("_mean")))
-    components = [n for n in names if n != "reward"]
-    # the weighted total only when it is not simply the one reward (as on the eval page)
-    shown = components + (["reward"] if "reward" in names and len(components) != 1 else [])
-    if not shown:
-        return ""
-    head = "".join(f'<th>{html.escape(str(r.get("eval")))}<br><small>step {int(r["step"])}</small></th>'
-                   for r in ordered) + ("<th>change</th>" if len(ordered) > 1 else "")
-    body = []
-    for name in shown:
-        values = [_finite(r.get(f"eval/{name}_mean")) for r in ordered]
-        cells = []
-        for row, value in zip(ordered, values):
-            std = _finite(row.get(f"eval/{name}_std"))
-            cells.append("<td>" + ("–" if value is None else f"{value:.4f}")
-                         + (f" <small>± {std:.4f}</small>" if std is not None else "") + "</td>")
-        if len(ordered) > 1:
-            first, last = values[0], values[-1]
-            if first is None or last is None:
-                cells.append("<td>–</td>")
-            else:
-                change = last - first
-                cells.append(f'<td class="{"up" if change > 0 else "down" if change < 0 else ""}">{change:+.4f}</td>')
-        label = "weighted total" if name == "reward" and components else name
-        body.append(f"<tr><td>{html.escape(label)}</td>{''.join(cells)}</tr>")
-    return (f'<section id="eval"><h2>fixed-seed eval<small>the same prompts and noise each time</small></h2>'
-            f'<div class="wide"><table class="eval"><thead><tr><th>reward</th>{head}</tr></thead>'
-            f"<tbody>{''.join(body)}</tbody></table></div></section>")
-
-
-def _charts_html(series: dict[str, list[tuple[int, Optional[float]]]], note: str) -> str:
-    charts = [_chart_svg(name, points, _COLORS[k % len(_COLORS)]) for k, (name, points) in enumerate(series.items())]
-    charts = [chart for chart in charts if chart]
-    if not charts:
-        return ""
-    return (f'<section id="charts"><h2>training curves<small>{html.escape(note)}</small></h2>'
-            f'<div class="charts">{"".join(charts)}</div></section>')
-
-
-def _fixed_strip_html(fixed: list[dict]) -> str:
-    """One row per fixed prompt: its image at every logged step, oldest first, so progress reads left to right."""
-    rows: dict[tuple, dict[int, dict]] = {}
-    for record in fixed:  # a step logged twice (a resumed run) shows its newest image
-        key = (record.get("index"), record.get("prompt"), record.get("seed"))
-        rows.setdefault(key, {})[int(record["step"])] = record
-    if not rows:
-        return ""
-    parts = ['<section id="fixed"><h2>fixed prompts across steps<small>the same prompt and noise at every logged '
-             "step, oldest first</small></h2>"]
-    for (_, prompt, seed), by_step in rows.items():
-        seed_note = f" <small>seed {seed}</small>" if seed is not None else ""
-        parts.append(f'<div class="fixed-row"><div class="prompt">{html.escape(str(prompt))}{seed_note}</div>'
-                     '<div class="strip">')
-        for step in sorted(by_step):
-            src = html.escape(by_step[step]["file"], quote=True)
-            parts.append(f'<figure><a href="{src}"><img src="{src}" alt="step {step}" loading="lazy"></a>'
-                         f"<figcaption>step {step}</figcaption></figure>")
-        parts.append("</div></div>")
-    parts.append("</section>")
-    return "".join(parts)
-
-
-def nice_ticks(low: float, high: float, count: int = 4, integer: bool = False) -> list[float]:
-    """Round tick values 1, 2 or 5 × 10^k apart, from at or below ``low`` to at or above ``high`` (about ``count``
-    intervals); a flat range is widened first so it still gets several ticks."""
-    if high - low <= 1e-12 * max(1.0, abs(low), abs(high)):
-        pad = 1.0 if integer else (abs(high) * 0.05 or 0.5)
-        low, high = low - pad, high + pad
-    raw = (high - low) / count
-    magnitude = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if raw <= m * magnitude * (1 + 1e-9))
-    if integer:
-        step = max(1.0, round(step))
-    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
-    return [i * step for i in range(first, last + 1)]
-
-
-def tick_labels(ticks: list[float]) -> list[str]:
-    """Labels with just enough digits to tell neighbouring ticks apart (scientific for very small or large)."""
-    step = abs(ticks[1] - ticks[0]) if len(ticks) > 1 else 1.0
-    big = max(abs(t) for t in ticks)
-    if big >= 1e6 or big < 1e-3:
-        digits = max(0, math.floor(math.log10(big)) - math.floor(math.log10(step) + 1e-9)) if big else 0
-        return ["0" if t == 0 else f"{t:.{digits}e}" for t in ticks]
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    return [f"{round(t, decimals) + 0.0:.{decimals}f}" for t in ticks]  # + 0.0 turns -0.0 into 0.0
-
-
-def _thin(points: list[tuple[int, float]], limit: int = 600) -> list[tuple[int, float]]:
-    """At most about ``limit`` points: each bucket of consecutive points keeps its lowest and highest (in step
-    order), so spikes stay visible on long runs."""
-    if len(points) <= limit:
-        return points
-    size = math.ceil(2 * len(points) / limit)
-    kept = []
-    for start in range(0, len(points), size):
-        bucket = points[start:start + size]
-        low, high = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
-        kept += sorted({low, high})
-    return kept
-
-
-def _chart_svg(name: str, points: list[tuple[int, Optional[float]]], color: str = _COLORS[0], width: int = 320,
-               height: int = 170) -> str:
-    """One small line chart (a ``<figure>`` with inline SVG) of ``(step, value)`` points on its own labelled y axis
-    (one chart per series: rewards of different scales never share an axis) and step ticks on the x axis. Null and
-    non-finite values are skipped; no finite value gives ""."""
-    esc = html.escape
-    points = [(int(s), v) for s, v in points if v is not None and math.isfinite(v)]
-    if not points:
-        return ""
-    values = [v for _, v in points]
-    first, last, low, high = values[0], values[-1], min(values), max(values)
-    points = _thin(points)
-    left, right, top, bottom = 52, 16, 8, 24  # margins in SVG units: room for the tick labels
-    y_ticks = nice_ticks(low, high)
-    x_ticks = nice_ticks(points[0][0], points[-1][0], integer=True)
-    # min/max: a tick may sit a rounding error inside the data
-    y0, y1, x0, x1 = min(y_ticks[0], low), max(y_ticks[-1], high), x_ticks[0], x_ticks[-1]
-
-    def x(step: float) -> float:
-        return left + (width - left - right) * (step - x0) / (x1 - x0)
-
-    def y(value: float) -> float:
-        return top + (height - top - bottom) * (y1 - value) / (y1 - y0)
-
-    grid = "".join(f'<line x1="{left}" x2="{width - right}" y1="{y(t):.1f}" y2="{y(t):.1f}"/>' for t in y_ticks)
-    y_axis = "".join(f'<text x="{left - 5}" y="{y(t) + 3.5:.1f}">{label}</text>'
-                     for t, label in zip(y_ticks, tick_labels(y_ticks)))
-    x_axis = "".join(f'<text x="{x(t):.1f}" y="{height - 7}">{int(t)}</text>' for t in x_ticks)
-    line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
-    dots = "".join(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2"><title>step {s}: {v:.6g}</title></circle>'
-                   for s, v in points) if len(points) <= 40 else ""
-    end = f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3"/>'
-    svg = (f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(name, quote=True)} per step">'
-           f'<g class="grid" stroke="#e6e6e6">{grid}</g>'
-           f'<g class="axes" stroke="#999"><line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>'
-           f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}"/></g>'
-           f'<g class="y-axis" font-size="10" fill="#555" text-anchor="end">{y_axis}</g>'
-           f'<g class="x-axis" font-size="10" fill="#555" text-anchor="middle">{x_axis}</g>'
-           f'<g class="series" fill="{color}"><polyline fill="none" stroke="{color}" stroke-width="1.8" '
-           f'stroke-linejoin="round" points="{line}"/>{dots}{end}</g></svg>')
-    return (f'<figure class="chart"><figcaption><b>{esc(name)}</b><span class="last">{last:.4g}</span> '
-            f"<small>first {first:.4g} · min {low:.4g} · max {high:.4g} · x: step</small></figcaption>{svg}"
-            "</figure>")
 
 
 # ---------------------------------------------------------------------- tensorboard

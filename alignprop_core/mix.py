@@ -25,11 +25,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from alignprop_core.errors import ConfigError
+from alignprop_core.families import FAMILIES, family_for_lora, lora_components
 from alignprop_core.lora import LORA_WEIGHTS_NAME
 from alignprop_core.paths import check_output_dir
 
-#: pipeline components a LoRA file can hold (SD 1.x/2.x; SDXL adds text_encoder_2)
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: pipeline components a LoRA file can hold: those of every family
+COMPONENTS = lora_components()
 MIX_INFO_NAME = "alignprop_mix.json"
 
 
@@ -60,7 +61,6 @@ def read_lora(directory: str | os.PathLike) -> dict[str, dict[str, LoraModule]]:
     """``{component: {module name: LoraModule}}`` of a diffusers-format LoRA folder, each module with its scale
     ``alpha / rank`` from the file's adapter metadata (``alpha_pattern``, ``use_rslora`` honoured), from kohya
     network alphas, or 1 (alpha = rank) when the file says nothing."""
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils.other import get_pattern_key
 
@@ -69,8 +69,9 @@ def read_lora(directory: str | os.PathLike) -> dict[str, dict[str, LoraModule]]:
         raise ConfigError(f"LoRA folder '{directory}' has no {LORA_WEIGHTS_NAME}; pass folders written by "
                           "alignprop train (or any diffusers-format LoRA folder)")
     try:
-        state, network_alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            str(path), weight_name=LORA_WEIGHTS_NAME, return_lora_metadata=True, local_files_only=True)
+        # the default family's reader: diffusers' lora_state_dict reads any family's file of these components
+        state, network_alphas, metadata = FAMILIES[0].lora_state_dict(
+            path, weight_name=LORA_WEIGHTS_NAME, return_lora_metadata=True, local_files_only=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"cannot read the LoRA in '{directory}' ({type(exc).__name__}: {first})") from None
@@ -80,7 +81,7 @@ def read_lora(directory: str | os.PathLike) -> dict[str, dict[str, LoraModule]]:
         component, _, rest = key.partition(".")
         if component not in COMPONENTS:
             raise ConfigError(f"LoRA '{directory}' has weights for '{component}' ({key}); alignprop mix handles "
-                              f"Stable Diffusion 1.x/2.x and SDXL LoRAs ({', '.join(COMPONENTS)})")
+                              f"LoRAs of {', '.join(f.description for f in FAMILIES)} ({', '.join(COMPONENTS)})")
         grouped.setdefault(component, {})[rest] = value
     result: dict[str, dict[str, LoraModule]] = {}
     for component, weights in grouped.items():
@@ -199,22 +200,20 @@ def adapter_metadata(modules: dict[str, LoraModule]) -> dict:
 
 
 def save_modules(modules: dict[str, dict[str, LoraModule]], directory: str | os.PathLike) -> Path:
-    """Write ``directory/pytorch_lora_weights.safetensors`` (diffusers format, with adapter metadata)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    kwargs = {}
+    """Write ``directory/pytorch_lora_weights.safetensors`` (diffusers format, with adapter metadata) through the
+    first family whose pipelines have every adapted component."""
+    layers, metadata = {}, {}
     for component in COMPONENTS:
         if component not in modules:
             continue
         # peft key names (lora_A/lora_B) for every module: diffusers loads them as they are, for any module type
-        layers = {}
+        state = {}
         for name, module in modules[component].items():
-            layers[f"{name}.lora_A.weight"] = module.down.contiguous()
-            layers[f"{name}.lora_B.weight"] = module.up.contiguous()
-        kwargs[f"{component}_lora_layers"] = layers
-        kwargs[f"{component}_lora_adapter_metadata"] = adapter_metadata(modules[component])
-    pipeline = StableDiffusionXLPipeline if "text_encoder_2" in modules else StableDiffusionPipeline
-    pipeline.save_lora_weights(save_directory=str(directory), safe_serialization=True, **kwargs)
+            state[f"{name}.lora_A.weight"] = module.down.contiguous()
+            state[f"{name}.lora_B.weight"] = module.up.contiguous()
+        layers[component] = state
+        metadata[component] = adapter_metadata(modules[component])
+    family_for_lora(modules).save_lora_weights(directory, layers, metadata)
     return Path(directory) / LORA_WEIGHTS_NAME
 
 

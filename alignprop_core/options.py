@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from alignprop_core.errors import AlignPropError, PluginError
+from alignprop_core.errors import AlignPropError, PluginError, error_text  # noqa: F401 (part of the option helpers)
 
 _MAX_SHOWN = 80  # characters of a bad value shown in a message
 
@@ -131,14 +131,6 @@ def read_text(owner: str, option: str, file: Path, *, what: str = "file", allowe
 
     prefix = f"{owner}: " if owner else ""
     return read_checked(file, f"{prefix}{what} '{file}'", _fix(option, allowed), error)
-
-
-def error_text(exc: BaseException, limit: int = 160) -> str:
-    """``"ExcType: first line of the message"``, cut to ``limit`` characters, for "could not load ..." messages."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if len(text) > limit:
-        text = text[:limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def looks_like_path(value: str) -> bool:

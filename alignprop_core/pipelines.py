@@ -13,16 +13,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 from alignprop_core.errors import AlignPropError, ConfigError, first_line
-from alignprop_core.models import MODEL_ALIASES, family_of_class, pipeline_class, pipeline_class_name
-from alignprop_core.tiny import TINY_MODEL_ID, TINY_SDXL_MODEL_ID, tiny_pipeline_path
+from alignprop_core.families import family_for_class_name, family_of, prepare_pipeline
+from alignprop_core.models import MODEL_ALIASES, pipeline_class_name
+from alignprop_core.tiny import tiny_model_path
 
 
 def resolve_model_path(model: str) -> str:
-    """``alignprop:tiny-sd`` / ``alignprop:tiny-sdxl`` -> the cached tiny pipeline; a removed hub id -> its maintained
+    """A tiny model id (``alignprop:tiny-sd``, ...) -> the cached tiny pipeline; a removed hub id -> its maintained
     copy (with a one-line note); a local path must be a diffusers pipeline folder of a supported class; anything else
     is treated as a hub id."""
-    if model in (TINY_MODEL_ID, TINY_SDXL_MODEL_ID):
-        return str(tiny_pipeline_path(kind="sd" if model == TINY_MODEL_ID else "sdxl"))
+    tiny = tiny_model_path(model)
+    if tiny is not None:
+        return str(tiny)
     if model in MODEL_ALIASES:
         print(f"note: '{model}' was removed from the Hugging Face Hub; using its maintained copy "
               f"'{MODEL_ALIASES[model]}'", file=sys.stderr)
@@ -39,7 +41,7 @@ def resolve_model_path(model: str) -> str:
         if not (path / "model_index.json").is_file():
             raise ConfigError(f"pretrained_model: '{model}' has no model_index.json, so it is not a diffusers "
                               "pipeline folder (save one with pipe.save_pretrained)")
-        family_of_class(pipeline_class_name(path), model)  # a supported family, checked before any loading
+        family_for_class_name(pipeline_class_name(path), model)  # a supported family, checked before any loading
         check_component_folders(path, model)
         return str(path)
     return model
@@ -78,9 +80,9 @@ def hub_host_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_pipeline(model: str, revision: str = "main"):
-    """Load a supported pipeline from a hub id or folder: the class named in its ``model_index.json``
-    (``StableDiffusionPipeline`` without safety checker, or ``StableDiffusionXLPipeline`` without watermarker);
-    any other class is a one-line error naming the supported ones, raised before weights are fetched."""
+    """Load a supported pipeline from a hub id or folder: the class named in its ``model_index.json``, loaded by its
+    family (without the parts sampling never uses, such as a safety checker); any other class is a one-line error
+    naming the supported ones, raised before weights are fetched."""
     from diffusers import DiffusionPipeline
 
     local = Path(model).is_dir()
@@ -93,13 +95,8 @@ def load_pipeline(model: str, revision: str = "main"):
     try:
         class_name = (pipeline_class_name(model) if local
                       else DiffusionPipeline.load_config(model, revision=revision).get("_class_name"))
-        family = family_of_class(class_name, model)
-        kwargs: dict[str, Any] = ({"safety_checker": None, "requires_safety_checker": False} if family == "sd"
-                                  else {"add_watermarker": False})
-        if local:
-            pipe = pipeline_class(family).from_pretrained(model, local_files_only=True, **kwargs)
-        else:
-            pipe = pipeline_class(family).from_pretrained(model, revision=revision, **kwargs)
+        family = family_for_class_name(class_name, model)
+        pipe = family.load(model, local_files_only=True) if local else family.load(model, revision=revision)
         check_components(pipe, model)
         return pipe
     except AlignPropError:
@@ -144,3 +141,55 @@ def denoiser_fingerprint(denoiser: Any) -> str:
     if first is not None:
         digest.update(first.detach().to("cpu", torch.float16).numpy().tobytes())
     return digest.hexdigest()
+
+
+def unwrap_pipeline(sd_pipeline: Any, use_lora: bool) -> tuple[Any, bool]:
+    """A diffusers pipeline as given, or the ``.sd_pipeline`` of a TRL-style wrapper, whose ``use_lora`` wins."""
+    if sd_pipeline is not None and hasattr(sd_pipeline, "sd_pipeline"):
+        return sd_pipeline.sd_pipeline, bool(getattr(sd_pipeline, "use_lora", use_lora))
+    return sd_pipeline, use_lora
+
+
+def check_steps_fit_the_scheduler(num_steps: int, pipe: Any) -> None:
+    """``sample_num_steps`` may not exceed the timesteps the model was trained with."""
+    trained = int(getattr(pipe.scheduler.config, "num_train_timesteps", 0) or 0)
+    if trained and num_steps > trained:
+        raise ConfigError(f"sample_num_steps: got {num_steps}, allowed: at most the model's {trained} training "
+                          "timesteps")
+
+
+def image_size(config: Any, pipe: Any) -> tuple[int, int]:
+    """``(height, width)`` from the config, defaulting to the model's own size; a multiple of the VAE factor."""
+    family = family_of(pipe)
+    factor = family.size_multiple(pipe)
+    default = family.default_size(pipe)
+    height = config.height or config.resolution or default
+    width = config.width or config.resolution or default
+    for name, value in (("height", height), ("width", width)):
+        if value % factor:
+            raise ConfigError(f"{name}: got {value}, allowed: a multiple of this model's VAE factor {factor}")
+    return height, width
+
+
+def compute_dtype(mixed_precision: str) -> Any:
+    """The dtype of frozen weights for ``mixed_precision`` (no, fp16, bf16): the trainer's and eval's one rule."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def inference_setup(config: Any) -> tuple[Any, Any]:
+    """Device (the GPU when there is one) and the frozen weights' dtype (``mixed_precision``; fp32 on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), compute_dtype(config.mixed_precision)
+    return torch.device("cpu"), torch.float32
+
+
+def load_inference_pipeline(config: Any, device: Any, dtype: Any):
+    """The config's pipeline set up as the trainer sets it up: prepared by its family (its ``scheduler``, frozen, on
+    ``device`` in ``dtype``)."""
+    pipe = load_pipeline(resolve_model_path(config.pretrained_model), config.pretrained_revision)
+    prepare_pipeline(pipe, config.scheduler, device, dtype)
+    return pipe

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import pluggy
 
 from alignprop_core import hookspecs
-from alignprop_core.errors import PluginError, first_line
+from alignprop_core.errors import PluginError
 from alignprop_core.hints import close_names
+from alignprop_core.options import error_text
 
 ENTRY_POINT_GROUP = "alignprop"
 BUILTIN_PLUGINS = ("alignprop_core.builtin",)
@@ -83,7 +84,7 @@ def load_plugins() -> None:
 
 def _record_failure(plugin: str, what: str, exc: Exception) -> None:
     """Remember a plugin's failure in :data:`failed_plugins` and warn about it once, in one stderr line."""
-    failed_plugins[plugin] = f"{type(exc).__name__}: {first_line(exc)}"
+    failed_plugins[plugin] = error_text(exc)
     if (plugin, what) not in _warned:
         _warned.add((plugin, what))
         print(f"warning: alignprop plugin '{plugin}' {what}: {failed_plugins[plugin]}", file=sys.stderr)
@@ -107,16 +108,18 @@ def registrations(kind: str) -> dict[str, Registration]:
     found: dict[str, Registration] = {}
     for impl in getattr(pm.hook, hook_name).get_hookimpls():  # in registration order
         plugin = impl.plugin_name
+        mine: dict[str, Registration] = {}  # kept only if the hook returns: a hook that raises registers nothing
 
-        def register(name: str, factory: Callable[..., Any], description: str = "", _plugin: str = plugin) -> None:
+        def register(name: str, factory: Callable[..., Any], description: str = "", _plugin: str = plugin,
+                     _mine: dict[str, Registration] = mine) -> None:
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin '{_plugin}' registered a {kind} with an invalid name {name!r}")
-            if name in found:
+            if name in found or name in _mine:
                 raise PluginError(
-                    f"{kind} '{name}' is registered twice, by plugin '{found[name].plugin}' and by plugin "
-                    f"'{_plugin}'; uninstall one of them"
+                    f"{kind} '{name}' is registered twice, by plugin '{(found.get(name) or _mine[name]).plugin}' and "
+                    f"by plugin '{_plugin}'; uninstall one of them"
                 )
-            found[name] = Registration(kind, name, factory, _plugin, _plugin_packages.get(_plugin), description)
+            _mine[name] = Registration(kind, name, factory, _plugin, _plugin_packages.get(_plugin), description)
 
         try:
             impl.function(register=register)
@@ -124,6 +127,8 @@ def registrations(kind: str) -> dict[str, Registration]:
             raise
         except Exception as exc:  # a hook that raises: its plugin's names are missing, the others still work
             _record_failure(plugin, f"failed in {hook_name}", exc)
+            continue
+        found.update(mine)
     return found
 
 

@@ -6,8 +6,15 @@ Resizing is bicubic with antialiasing, like PIL's ``Image.BICUBIC`` used by CLIP
 
 from __future__ import annotations
 
+import json
+import os
+import warnings
+from typing import Any, Sequence
+
 import torch
 import torch.nn.functional as F
+
+from alignprop_core.errors import AlignPropError
 
 #: OpenAI CLIP normalisation (also used by open_clip's OpenAI/laion models, PickScore, HPSv2).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -16,7 +23,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bicubic, antialiased resize to exactly ``height`` x ``width``, like PIL: a width pass, then a height pass,
-    clamped to ``[0, 1]`` after each (a single 2-D pass is up to 2.5/255 off PIL; this is within ~1/255)."""
+    clamped to ``[0, 1]`` after each (a single 2-D pass is up to 2.5/255 off PIL; this is within ~1/255 for
+    aspect-keeping resizes). When one side grows and the other shrinks, PIL may run the passes the other way round:
+    then up to ~3.5/255 off."""
     if images.shape[-1] != width:
         images = F.interpolate(images, size=(images.shape[-2], width), mode="bicubic", antialias=True,
                                align_corners=False).clamp(0, 1)
@@ -36,19 +45,6 @@ def resize_shortest_side(images: torch.Tensor, size: int) -> torch.Tensor:
     return resize(images, new_h, new_w)
 
 
-def center_crop(images: torch.Tensor, size: int, rounding: str = "round") -> torch.Tensor:
-    """Central ``size`` x ``size`` crop. ``rounding="round"``: offsets as torchvision's ``CenterCrop`` (open_clip);
-    ``"floor"``: as transformers' image processors (``(H - size) // 2``). They differ by a pixel on odd margins."""
-    h, w = images.shape[-2:]
-    if rounding == "floor":
-        top, left = (h - size) // 2, (w - size) // 2
-    elif rounding == "round":
-        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    else:
-        raise ValueError(f"rounding must be 'round' or 'floor', got {rounding!r}")
-    return images[..., top:top + size, left:left + size]
-
-
 def resize_longest_side_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
     """Scale so the longer side is ``size``, then pad to a centred square with ``fill`` (open_clip's
     ``ResizeKeepRatio``-free "longest" resize + ``CenterCropOrPad`` as used by HPSv2)."""
@@ -61,16 +57,12 @@ def resize_longest_side_pad(images: torch.Tensor, size: int, fill: float = 0.0) 
     return F.pad(images, (pad_left, size - new_w - pad_left, pad_top, size - new_h - pad_top), value=fill)
 
 
-def normalize(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+              ) -> torch.Tensor:
+    """``(images - mean) / std`` per channel (default: OpenAI CLIP's statistics)."""
     mean_t = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     std_t = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     return (images - mean_t) / std_t
-
-
-def clip_preprocess(images: torch.Tensor, size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
-                    crop_rounding: str = "round") -> torch.Tensor:
-    """CLIP's reference pipeline: shortest side to ``size`` (bicubic), center crop, normalise."""
-    return normalize(center_crop(resize_shortest_side(images, size), size, crop_rounding), mean, std)
 
 
 # ---------------------------------------------------------------------- transformers image processors
@@ -91,10 +83,6 @@ CLIP_PROCESSOR_CONFIG = {
 def read_image_processor_config(source: str, fallback: dict | None = None) -> dict:
     """The image-processor settings (``preprocessor_config.json``, or transformers 5's ``processor_config.json``)
     of a local folder or hub id, merged over ``fallback`` (default: OpenAI CLIP's) and with sizes as dicts."""
-    import json
-    import os
-    import warnings
-
     found: dict = {}
     local = os.path.expanduser(str(source))
     for name in ("preprocessor_config.json", "processor_config.json"):
@@ -150,10 +138,8 @@ def image_processor_preprocess(images: torch.Tensor, config: dict) -> torch.Tens
     return images
 
 
-def check_images(images, reward_name: str) -> None:
-    """Raise a one-line error unless ``images`` is a float tensor ``[B, 3, H, W]``."""
-    from alignprop_core.errors import AlignPropError
-
+def check_images(images: Any, reward_name: str) -> None:
+    """Raise a one-line :class:`AlignPropError` unless ``images`` is a float tensor ``[B, 3, H, W]``."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
         raise AlignPropError(f"{reward_name}: expected images as a float tensor [B, 3, H, W] in [0, 1], got {shape}")

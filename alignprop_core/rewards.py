@@ -1,4 +1,4 @@
-"""Built-in weight-free rewards and the weighted combination the trainer maximises."""
+"""The FrozenReward base, the built-in weight-free rewards and the checks of the reward contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 
 from alignprop_core import options
 from alignprop_core.errors import PluginError
-from alignprop_core.options import looks_like_path  # noqa: F401  (re-exported for the reward plugins)
 
 RewardFn = Callable[[torch.Tensor, list, list], Any]
 
@@ -32,7 +31,48 @@ def parse_dtype(dtype: Any, reward_name: str) -> torch.dtype:
     return DTYPES[key]
 
 
-class Saturation(torch.nn.Module):
+class FrozenReward(torch.nn.Module):
+    """Base class for rewards: always in eval mode (no dropout), and its parameters never require grad.
+
+    Submodules and parameters are frozen as they are assigned (``self.model = model``), so a subclass needs no
+    ``freeze()`` call; ``train()`` stays in eval mode and ``requires_grad_()`` always turns gradients off.
+    Gradients still flow through the reward to its input images.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if isinstance(value, torch.nn.Module):
+            _freeze_module(value)
+
+    def add_module(self, name: str, module: torch.nn.Module | None) -> None:
+        super().add_module(name, module)
+        if module is not None:
+            _freeze_module(module)
+
+    def register_parameter(self, name: str, param: torch.nn.Parameter | None) -> None:
+        super().register_parameter(name, param)
+        if param is not None:
+            param.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenReward":
+        """Eval mode whatever ``mode`` says: a reward is never trained."""
+        return super().train(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "FrozenReward":
+        """Parameters never require grad, whatever ``requires_grad`` says."""
+        return super().requires_grad_(False)
+
+
+def _freeze_module(module: torch.nn.Module) -> None:
+    module.train(False)
+    module.requires_grad_(False)
+
+
+class Saturation(FrozenReward):
     """Mean HSV saturation ``(max_c - min_c) / (max_c + eps)`` over pixels, in [0, 1]. Needs no weights."""
 
     def __init__(self, eps: float = 1e-3):
@@ -45,7 +85,7 @@ class Saturation(torch.nn.Module):
         return ((high - low) / (high + self.eps)).mean(dim=(1, 2))
 
 
-class Contrast(torch.nn.Module):
+class Contrast(FrozenReward):
     """Standard deviation of the luma (ITU-R BT.601 weights) over pixels, in [0, 0.5]. Needs no weights."""
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:

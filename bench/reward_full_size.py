@@ -25,10 +25,10 @@ COUNTING = {"questions": ["How many cats are there in this image?", "What animal
 
 
 def build_aesthetic(args):
+    from alignprop_reward_aesthetic import AestheticMLP, AestheticReward
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
-    from alignprop_reward_aesthetic import AestheticMLP, AestheticReward
 
     config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
@@ -37,11 +37,11 @@ def build_aesthetic(args):
 
 
 def build_pickscore(args):
+    from alignprop_reward_pickscore import PickScoreReward
     from transformers import CLIPConfig, CLIPModel
 
     from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
     from alignprop_core.tiny import tiny_clip_tokenizer  # no vocab file offline; only the text length matters
-    from alignprop_reward_pickscore import PickScoreReward
 
     config = CLIPConfig(  # yuvalkirstain/PickScore_v1 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K's architecture
         text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -56,7 +56,6 @@ def build_pickscore(args):
 
 def build_hps(args):
     import open_clip
-
     from alignprop_reward_hps import DEFAULT_ARCHITECTURE, HPSReward, _create_model
 
     reward = HPSReward(_create_model(DEFAULT_ARCHITECTURE), open_clip.get_tokenizer(DEFAULT_ARCHITECTURE))
@@ -64,9 +63,8 @@ def build_hps(args):
 
 
 def build_flava_vqa(args):
-    from transformers import BertTokenizer, FlavaConfig, FlavaForPreTraining, FlavaImageProcessor, FlavaProcessor
-
     from alignprop_reward_flava_vqa import FlavaVQAReward
+    from transformers import BertTokenizer, FlavaConfig, FlavaForPreTraining, FlavaImageProcessor, FlavaProcessor
 
     with tempfile.TemporaryDirectory() as tmp:  # a placeholder vocab of bert-base-uncased's size (30522)
         chars = "abcdefghijklmnopqrstuvwxyz0123456789"
@@ -78,7 +76,8 @@ def build_flava_vqa(args):
         tokenizer = BertTokenizer.from_pretrained(tmp)
     processor = FlavaProcessor(image_processor=FlavaImageProcessor(size=224, crop_size=224), tokenizer=tokenizer)
     reward = FlavaVQAReward(FlavaForPreTraining(FlavaConfig(init_codebook=False)), processor, score=args.flava_score)
-    return reward, f"FlavaForPreTraining (flava-full size, no codebook), score {args.flava_score}", ["3 cats"], [COUNTING]
+    name = f"FlavaForPreTraining (flava-full size, no codebook), score {args.flava_score}"
+    return reward, name, ["3 cats"], [COUNTING]
 
 
 def measure(args) -> None:

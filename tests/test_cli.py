@@ -24,7 +24,8 @@ def test_help_is_fast_and_imports_no_heavy_module():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train", "--truncation", "fixed", "--truncation_k", "0"], "error: truncation_k: got 0, allowed: an integer in [1,"),
+    (["train", "--truncation", "fixed", "--truncation_k", "0"],
+     "error: truncation_k: got 0, allowed: an integer in [1,"),
     (["train", "--rewards", "nope"], "error: unknown reward 'nope'; installed rewards:"),
     (["train", "--rewards", "saturation", "--pretrained_model", "/nonexistent/folder"],
      "error: pretrained_model: folder '/nonexistent/folder' does not exist"),

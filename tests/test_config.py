@@ -18,7 +18,8 @@ def test_defaults_are_valid_and_follow_trl():
     assert [(r.name, r.weight) for r in config.rewards] == [("aesthetic", 1.0)]
     assert config.prompts.name == "simple_animals"
     # TRL AlignPropConfig defaults
-    assert (config.num_epochs, config.sample_num_steps, config.sample_eta, config.sample_guidance_scale) == (100, 50, 1.0, 5.0)
+    assert (config.num_epochs, config.sample_num_steps, config.sample_eta,
+            config.sample_guidance_scale) == (100, 50, 1.0, 5.0)
     assert (config.train_learning_rate, config.train_adam_weight_decay, config.train_max_grad_norm) == (1e-3, 1e-4, 1.0)
     assert (config.mixed_precision, config.save_freq, config.num_checkpoint_limit) == ("fp16", 1, 5)
     assert (config.lora_rank, config.lora_alpha, config.gradient_checkpointing) == (4, 4.0, True)
@@ -48,7 +49,8 @@ def test_toml_and_presets(tmp_path):
     config = AlignPropConfig.from_file(path)
     assert config.num_epochs == 3 and config.rewards[0].name == "contrast" and config.rewards[0].weight == 1.5
     tiny = resolve("--preset", "tiny", "--num_epochs", "2")
-    assert tiny.pretrained_model == "alignprop:tiny-sd" and tiny.num_epochs == 2 and tiny.rewards[0].name == "saturation"
+    assert tiny.pretrained_model == "alignprop:tiny-sd" and tiny.num_epochs == 2
+    assert tiny.rewards[0].name == "saturation"
 
 
 def test_reward_shorthand_and_trl_truncation_fields():
@@ -72,9 +74,12 @@ INVALID = [
     ({"sample_num_steps": 0}, "sample_num_steps: got 0, allowed: an integer >= 1"),
     ({"sample_eta": 1.5}, "sample_eta: got 1.5, allowed: a number in [0, 1]"),
     ({"truncation": "random"}, "truncation: got 'random', allowed: one of fixed, uniform, gaussian, none"),
-    ({"truncation": "fixed", "truncation_k": 51}, "truncation_k: got 51, allowed: an integer in [1, sample_num_steps=50]"),
-    ({"truncation": "fixed", "truncation_k": 0}, "truncation_k: got 0, allowed: an integer in [1, sample_num_steps=50]"),
-    ({"truncation_min": 10, "truncation_max": 5}, "truncation_max: got 5, allowed: an integer in [truncation_min=10, sample_num_steps=50]"),
+    ({"truncation": "fixed", "truncation_k": 51},
+     "truncation_k: got 51, allowed: an integer in [1, sample_num_steps=50]"),
+    ({"truncation": "fixed", "truncation_k": 0},
+     "truncation_k: got 0, allowed: an integer in [1, sample_num_steps=50]"),
+    ({"truncation_min": 10, "truncation_max": 5},
+     "truncation_max: got 5, allowed: an integer in [truncation_min=10, sample_num_steps=50]"),
     ({"truncation": "gaussian", "truncation_std": 0.0}, "truncation_std: got 0.0, allowed: a number > 0"),
     ({"train_batch_size": 0}, "train_batch_size: got 0, allowed: an integer >= 1"),
     ({"train_gradient_accumulation_steps": 0}, "train_gradient_accumulation_steps: got 0, allowed: an integer >= 1"),
@@ -87,7 +92,8 @@ INVALID = [
     ({"lora_rank": 0}, "lora_rank: got 0, allowed: an integer >= 1"),
     ({"lora_target_modules": []}, "lora_target_modules: got [], allowed: a non-empty list"),
     ({"rewards": []}, "rewards: got [], allowed: at least one"),
-    ({"rewards": "saturation:-1,contrast:0.5"}, "rewards: got 'weights summing to -0.5', allowed: weights whose sum is > 0"),
+    ({"rewards": "saturation:-1,contrast:0.5"},
+     "rewards: got 'weights summing to -0.5', allowed: weights whose sum is > 0"),
     ({"rewards": "saturation:0"}, "rewards: got 'weights summing to 0', allowed: weights whose sum is > 0"),
     ({"rewards": "saturation,saturation"}, "rewards: got 'saturation', allowed: each reward name at most once"),
     ({"log_with": "neptune"}, "log_with: got 'neptune', allowed: empty or one of tensorboard"),

@@ -10,8 +10,9 @@ from PIL import Image
 
 from alignprop_core import AlignPropTrainer
 from alignprop_core.errors import ConfigError
-from alignprop_core.evaluate import image_grid, run_eval, run_sample
+from alignprop_core.evaluate import run_eval, run_sample
 from alignprop_core.lora import LORA_WEIGHTS_NAME
+from alignprop_core.pages import image_grid
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,14 @@ def trained(tiny_sd_path, tmp_path_factory):
     add_lora(unet, 4, 4.0, ["to_q", "to_k", "to_v", "to_out.0"])  # gaussian init: B = 0, changes nothing
     save_lora(unet, root / "zero")
     return config, result, root / "zero", root
+
+
+def bare_grid(out):
+    """The grid of the eval report written to ``out`` without the score lines (from its eval.json and images)."""
+    document = json.loads((out / "eval.json").read_text())
+    models = [model["name"] for model in document["models"]]
+    images = {model: [Image.open(out / s["images"][model]) for s in document["samples"]] for model in models}
+    return image_grid(models, document["samples"], images, scores=False)
 
 
 class Images(HTMLParser):
@@ -78,7 +87,7 @@ def test_eval_scores_base_and_loras_on_the_same_prompts_and_noise(trained, capsy
     # scores under it (taller than the images alone)
     grid = Image.open(out / "grid.png")
     assert grid.size[0] >= 220 + 3 * 132 + 4 and grid.size[1] > 3 * 132 + 4
-    assert grid.size[1] > image_grid(report, scores=False).size[1] + 3 * 3 * 13
+    assert grid.size[1] > bare_grid(out).size[1] + 3 * 3 * 13
     # the gallery shows every model's image of every prompt, and only files that exist
     parser = Images()
     parser.feed((out / "index.html").read_text())
@@ -219,12 +228,12 @@ def test_eval_page_has_a_real_score_table(tmp_path):
 def test_eval_grid_shows_each_images_scores_in_a_readable_font(tmp_path):
     import numpy as np
 
-    from alignprop_core.evaluate import image_grid, write_eval_outputs
+    from alignprop_core.evaluate import write_eval_outputs
 
     report, config = synthetic_report(tmp_path)
     write_eval_outputs(report, config, {"base": None, "tuned": None})
     grid = Image.open(tmp_path / "grid.png").convert("RGB")
-    bare = image_grid(report, scores=False)
+    bare = bare_grid(tmp_path)
     assert grid.size[1] >= bare.size[1] + 2 * 3 * 15  # three score lines under each row of images
     pixels = np.asarray(grid).astype(int)
     # under the first image of each model: dark text where the bare grid has none

@@ -328,7 +328,7 @@ def test_gallery_fits_a_narrow_window(tmp_path):
 
 
 def test_chart_ticks_are_round_distinct_and_bracket_the_data():
-    from alignprop_core.image_loggers import _thin, nice_ticks, tick_labels
+    from alignprop_core.charts import _thin, nice_ticks, tick_labels
 
     for low, high in [(0.081, 0.093), (0.41, 0.46), (-0.46, -0.41), (1.0, 1.0), (0.0, 0.0), (3e-6, 4.2e-6),
                       (12.0, 48000.0), (2e6, 9e6), (-0.004, 0.003), (0.10001, 0.10004)]:
@@ -354,13 +354,17 @@ def test_gallery_in_a_400px_chromium_window_has_no_horizontal_scroll(tmp_path):
     logger = FolderLogger(str(tmp_path))
     log_steps(logger)
     page = tmp_path / "images" / "index.html"
+    # Headless Chromium will not make its window narrower than 500 px, so the page is shown in a 400 px iframe
+    # (its media queries and layout follow the iframe's width) and measured from the outside.
     probe = page.with_name("probe.html")
-    probe.write_text(page.read_text().replace("</body>", "<script>window.addEventListener('load', () => { "
-                                              "document.title = 'scroll ' + document.documentElement.scrollWidth + "
-                                              "' of ' + window.innerWidth; });</script></body>"))
+    probe.write_text("<!doctype html><html><body style='margin:0'><iframe id='f' src='index.html' "
+                     "style='width:400px;height:900px;border:0'></iframe><script>"
+                     "document.getElementById('f').addEventListener('load', () => { "
+                     "const w = document.getElementById('f').contentWindow; document.title = 'scroll ' + "
+                     "w.document.documentElement.scrollWidth + ' of ' + w.innerWidth; });</script></body></html>")
     flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
-             "--virtual-time-budget=5000", "--window-size=400,900"]
+             "--allow-file-access-from-files", "--virtual-time-budget=5000", "--window-size=800,900"]
     result = subprocess.run(flags + ["--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     found = re.search(r"<title>scroll (\d+) of (\d+)</title>", result.stdout)
     assert found, (result.stdout[:500], result.stderr[-2000:])

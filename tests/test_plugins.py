@@ -1,6 +1,9 @@
+import ast
+import re
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -123,6 +126,183 @@ def test_plugin_that_fails_to_import_is_reported_and_does_not_break_others(tmp_p
     assert "saturation" in cli.stdout
 
 
+def test_a_hook_that_raises_is_warned_about_once_and_the_others_still_work(registered, capsys):
+    class Raising:
+        @hookimpl
+        def register_rewards(self, register):
+            register("half_registered", lambda: None)
+            raise RuntimeError("no GPU found\nsecond line")
+
+    registered(Raising(), "raising-plugin")
+    try:
+        capsys.readouterr()
+        rewards = plugins.registrations("reward")
+        assert "saturation" in rewards and "half_registered" not in rewards  # nothing of the failed hook is kept
+        plugins.registrations("reward")
+        err = capsys.readouterr().err
+        assert err.count("warning: alignprop plugin 'raising-plugin' failed in register_rewards: RuntimeError: no GPU "
+                         "found\n") == 1, err
+        assert plugins.failed_plugins["raising-plugin"] == "RuntimeError: no GPU found"
+        with pytest.raises(PluginError, match=r"plugins that failed to load: .*raising-plugin \(RuntimeError: no GPU"):
+            plugins.get("reward", "nope")
+    finally:
+        plugins.failed_plugins.pop("raising-plugin", None)
+        plugins._warned.discard(("raising-plugin", "failed in register_rewards"))
+
+
+# ---------------------------------------------------------------------------------------- the plugin API
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_MODULES = sorted((ROOT / "plugins").glob("*/alignprop_reward_*.py"))
+
+
+def alignprop_imports(source: str) -> list[str]:
+    """Every ``alignprop_core`` module (or ``alignprop_core.<name>``) that ``source`` imports."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "alignprop_core":
+            found += [f"alignprop_core.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append(node.module)
+    return [name for name in found if name.split(".")[0] == "alignprop_core"]
+
+
+@pytest.mark.parametrize("module", PLUGIN_MODULES, ids=lambda m: m.parent.name)
+def test_plugins_import_only_the_plugin_api(module):
+    assert len(PLUGIN_MODULES) == 5
+    assert set(alignprop_imports(module.read_text())) == {"alignprop_core.plugin_api"}
+
+
+def test_plugin_api_exports_the_internal_objects():
+    from alignprop_core import errors, hookspecs, options, plugin_api, preprocess, rewards
+
+    assert "stable API for alignprop plugin authors" in plugin_api.__doc__
+    assert sorted(plugin_api.__all__) == sorted(set(plugin_api.__all__))
+    homes = (errors, hookspecs, options, preprocess, rewards)
+    for name in plugin_api.__all__:
+        value = getattr(plugin_api, name)
+        assert any(getattr(home, name, None) is value for home in homes), name
+    assert plugin_api.hookimpl is hookimpl
+
+
+def test_frozen_reward_stays_in_eval_mode_without_parameter_gradients():
+    from alignprop_core.plugin_api import FrozenReward
+
+    class Scorer(FrozenReward):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+            self.scale = torch.nn.Parameter(torch.full((), 2.0))
+            self.add_module("unused", torch.nn.Linear(1, 1))
+
+        def forward(self, images, prompts, metadata):
+            return self.scale * self.head(images.mean(dim=(2, 3))).squeeze(-1)
+
+    reward = Scorer()
+
+    def frozen() -> bool:
+        return (not any(m.training for m in reward.modules())
+                and not any(p.requires_grad for p in reward.parameters()))
+
+    assert frozen()
+    assert reward.train() is reward and frozen()
+    assert reward.requires_grad_(True) is reward and frozen()
+    reward.later = torch.nn.Dropout(0.1)  # assigned after construction: frozen too
+    reward.to(torch.float64)
+    assert frozen()
+    images = torch.rand(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    scores = reward(images, ["a", "b"], [{}, {}])
+    assert torch.equal(scores, reward(images, ["a", "b"], [{}, {}]))  # dropout off
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0 and all(p.grad is None for p in reward.parameters())
+
+
+def test_bundled_rewards_are_frozen_rewards_without_their_own_train_overrides():
+    import importlib
+
+    from alignprop_core.plugin_api import FrozenReward
+    from alignprop_core.rewards import Contrast, Saturation
+
+    classes = [Saturation, Contrast]
+    for module, name in (("alignprop_reward_example", "Warmth"), ("alignprop_reward_aesthetic", "AestheticReward"),
+                         ("alignprop_reward_pickscore", "PickScoreReward"), ("alignprop_reward_hps", "HPSReward"),
+                         ("alignprop_reward_flava_vqa", "FlavaVQAReward")):
+        classes.append(getattr(importlib.import_module(module), name))
+    for cls in classes:
+        assert issubclass(cls, FrozenReward), cls
+        assert not {"train", "freeze", "requires_grad_"} & set(vars(cls)), cls
+    assert not plugins.build("reward", "saturation", {}).training
+
+
+def doc_example_modules() -> dict[str, types.ModuleType]:
+    """The complete plugin examples of docs/plugins.md (python blocks with a hook), as modules by hook name."""
+    text = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    modules = {}
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        hooks = re.findall(r"@api\.hookimpl\ndef (register_\w+)", block)
+        if hooks:
+            assert alignprop_imports(block) == ["alignprop_core.plugin_api"], block
+            module = types.ModuleType(f"doc_example_{hooks[0]}")
+            exec(compile(block, f"docs/plugins.md ({hooks[0]})", "exec"), module.__dict__)
+            modules[hooks[0]] = module
+    assert sorted(modules) == ["register_image_loggers", "register_prompt_sources", "register_rewards"]
+    return modules
+
+
+def registered_by(hook) -> dict:
+    found = {}
+    hook(register=lambda name, factory, description="": found.setdefault(name, (factory, description)))
+    return found
+
+
+def test_doc_examples_follow_the_hook_contracts(tmp_path):
+    from alignprop_core.plugin_api import FrozenReward
+    from alignprop_core.seeding import draw_prompts
+
+    examples = doc_example_modules()
+    warmth = registered_by(examples["register_rewards"].register_rewards)["warmth"][0](target="0.2")
+    assert isinstance(warmth, FrozenReward) and warmth.target == 0.2
+    images = torch.rand(3, 3, 8, 12, requires_grad=True)
+    scores = warmth(images, ["a"] * 3, [{}] * 3)
+    assert scores.shape == (3,)
+    scores.sum().backward()
+    assert images.grad.abs().sum() > 0
+    with pytest.raises(PluginError, match=r"^reward 'warmth': option 'target' must be a number in \[-1, 1\]"):
+        warmth.__class__(target="abc")
+
+    prompt_fn = registered_by(examples["register_prompt_sources"].register_prompt_sources)["colours"][0](animal="fox")
+    prompts, metadata = draw_prompts(prompt_fn, [11, 12, 13, 14])
+    assert (prompts, metadata) == draw_prompts(prompt_fn, [11, 12, 13, 14])  # seeded by the caller: reproducible
+    assert all(p == f"a {m['colour']} fox" for p, m in zip(prompts, metadata))
+
+    logger = registered_by(examples["register_image_loggers"].register_image_loggers)["scores"][0](
+        output_dir=str(tmp_path / "out"), every=2)
+    logged = []
+    sink = types.SimpleNamespace(log_images=lambda values, step: logged.append((sorted(values), step)))
+    data = {"images": torch.rand(2, 3, 4, 4), "prompts": ["a", "b"], "prompt_metadata": [{}, {}],
+            "rewards": torch.tensor([0.5, 0.25]), "reward_components": {}}
+    for step in (1, 2, 3):
+        logger(data, step, sink)
+    lines = (tmp_path / "out" / "scores.jsonl").read_text().splitlines()
+    assert [line.count('"step": ') for line in lines] == [1] * 4 and '"step": 3' in lines[-1]
+    assert logged == [(["samples"], 1), (["samples"], 3)]
+
+
+def test_doc_prompt_source_and_image_logger_run_in_training(registered, tiny_config):
+    from alignprop_core import AlignPropTrainer
+
+    examples = doc_example_modules()
+    registered(examples["register_prompt_sources"], "doc-prompts")
+    registered(examples["register_image_loggers"], "doc-loggers")
+    config = tiny_config(prompts={"name": "colours", "options": {"animal": "fox"}}, num_epochs=1,
+                         image_loggers=[{"name": "scores", "options": {"every": 1}}])
+    result = AlignPropTrainer(config).train()
+    lines = (Path(config.output_dir) / "scores.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * result.global_step and all(" fox" in line for line in lines)
+
+
 # ---------------------------------------------------------------------------------------- option checks
 
 
@@ -151,7 +331,7 @@ def test_saturation_eps_accepts_numbers_and_numeric_strings():
 
 
 def test_parse_dtype_rejects_non_strings_in_one_line():
-    from alignprop_core.rewards import parse_dtype
+    from alignprop_core.plugin_api import parse_dtype
 
     assert parse_dtype("bf16", "x") == torch.bfloat16 and parse_dtype(None, "x") == torch.float32
     assert parse_dtype(torch.float16, "x") == torch.float16

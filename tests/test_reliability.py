@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from alignprop_core import AlignPropTrainer
+from alignprop_core.checkpoints import list_checkpoints
 from alignprop_core.errors import AlignPropError, ConfigError
-from alignprop_core.trainer import list_checkpoints
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -73,7 +73,7 @@ def test_sigkill_between_checkpoints_then_resume_is_bitwise_identical(tiny_sd_pa
 KILL_DURING_SAVE = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import alignprop_core.trainer as trainer
+    import alignprop_core.checkpoints as trainer
     from alignprop_core.cli import main
 
     original = trainer.TrainerState.save
@@ -163,7 +163,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd_path
     script = str(SCRIPTS / "multiprocess_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29533"]
     (tmp_path / "multi").mkdir()
     result = subprocess.run([*launch, script, str(tiny_sd_path), str(tmp_path / "out-multi"), str(tmp_path / "multi"),
                              "2"], capture_output=True, text=True, env=env, timeout=600)
@@ -212,7 +213,8 @@ def test_a_malicious_pickle_in_a_checkpoint_is_refused(tiny_config, tmp_path):
     checkpoint = list_checkpoints(config.output_dir)[-1]
     pwned = tmp_path / "pwned"
     subprocess.run([sys.executable, "-c", MALICIOUS, str(checkpoint / "optimizer.bin"), str(pwned)], check=True)
-    with pytest.raises(ConfigError, match="resume_from: checkpoint .* is damaged and cannot be loaded .*Unpickl") as info:
+    damaged = "resume_from: checkpoint .* is damaged and cannot be loaded .*Unpickl"
+    with pytest.raises(ConfigError, match=damaged) as info:
         AlignPropTrainer(tiny_config(num_epochs=2, resume_from="latest"))
     assert not pwned.exists()
     assert "weights_only=False" not in str(info.value) and "\n" not in str(info.value)  # never advise unpickling

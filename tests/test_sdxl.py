@@ -9,9 +9,9 @@ from safetensors import safe_open
 
 from alignprop_core import AlignPropTrainer
 from alignprop_core.errors import AlignPropError, ConfigError
+from alignprop_core.families import SD, SDXL, family_of, prepare_pipeline
 from alignprop_core.lora import LORA_WEIGHTS_NAME, add_lora
-from alignprop_core.models import family_of, prepare_pipeline
-from alignprop_core.sampler import decode_latents, encode_prompts, sample_images
+from alignprop_core.sampler import encode_prompts, sample_images
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,14 @@ def test_tiny_sdxl_is_a_real_sdxl_pipeline_and_loads_by_its_class(tmp_path, monk
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from alignprop_core.trainer import load_pipeline, resolve_model_path
+    from alignprop_core.pipelines import load_pipeline, resolve_model_path
 
     monkeypatch.setenv("ALIGNPROP_CACHE", str(tmp_path / "cache"))
     folder = resolve_model_path("alignprop:tiny-sdxl")  # built on first use, like alignprop:tiny-sd
     assert json.loads((tmp_path / "cache" / "tiny-sdxl-v1" / "model_index.json").read_text())["_class_name"] == \
         "StableDiffusionXLPipeline"
     pipe = load_pipeline(folder)
-    assert type(pipe) is StableDiffusionXLPipeline and family_of(pipe) == "sdxl"
+    assert type(pipe) is StableDiffusionXLPipeline and family_of(pipe) is SDXL
     assert type(pipe.text_encoder) is CLIPTextModel and type(pipe.text_encoder_2) is CLIPTextModelWithProjection
     assert pipe.unet.config.addition_embed_type == "text_time"
     assert pipe.vae.config.force_upcast
@@ -78,7 +78,7 @@ def test_unsupported_pipeline_family_is_one_clear_error_before_loading(tiny_sdxl
 
 def test_two_step_training_run_completes_with_sdxl_conditioning_under_grad(sdxl_config):
     trainer = AlignPropTrainer(sdxl_config(num_epochs=2, gradient_checkpointing=False))  # one hook call per UNet call
-    assert trainer.family == "sdxl" and (trainer.height, trainer.width) == (128, 128)  # unet.sample_size * 8
+    assert trainer.family is SDXL and (trainer.height, trainer.width) == (128, 128)  # unet.sample_size * 8
     calls = []
 
     def record(module, args, kwargs):
@@ -169,15 +169,15 @@ def test_sdxl_vae_decodes_in_fp32_under_fp16(tiny_sdxl_path):
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == torch.float16
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)).half().float()
     with torch.no_grad():
-        exact = decode_latents(pipe, latents, sdxl=True)
+        exact = SDXL.decode(pipe, latents)
         with torch.autocast("cpu", dtype=torch.float16):
-            upcast = decode_latents(pipe, latents.half(), sdxl=True)
-            plain = decode_latents(pipe, latents.half(), sdxl=False)  # SD-1 behaviour: autocast decides
+            upcast = SDXL.decode(pipe, latents.half())
+            plain = SD.decode(pipe, latents.half())  # SD-1 behaviour: autocast decides
         assert torch.allclose(upcast, exact, atol=1e-6) and not torch.allclose(plain, exact, atol=1e-6)
         pipe.vae.to(torch.float16)  # an fp16 VAE (e.g. loaded by a caller) is upcast for the decode, then restored
-        restored = decode_latents(pipe, latents.half(), sdxl=True)
+        restored = SDXL.decode(pipe, latents.half())
         assert pipe.vae.dtype == torch.float16
-        reference = decode_latents(pipe.__class__(**{**pipe.components, "vae": pipe.vae.float()}), latents, True)
+        reference = SDXL.decode(pipe.__class__(**{**pipe.components, "vae": pipe.vae.float()}), latents)
     assert torch.allclose(restored, reference, atol=1e-6)
 
 
@@ -225,11 +225,11 @@ def test_clip_based_reward_on_sdxl_sized_non_square_images(tmp_path, height, wid
     """The aesthetic reward (CLIP ViT tower + LAION MLP) scores 1024x768 and 768x1024 images as its reference
     image processor does (shortest side to 224, center crop), with gradients back to every pixel it looks at."""
     pytest.importorskip("alignprop_reward_aesthetic")
+    from alignprop_reward_aesthetic import AestheticMLP
     from PIL import Image
     from transformers import CLIPModel
 
     from alignprop_core import plugins
-    from alignprop_reward_aesthetic import AestheticMLP
 
     folder = _tiny_clip_folder(tmp_path / "clip")
     torch.manual_seed(1)

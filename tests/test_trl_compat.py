@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from alignprop_core.errors import ConfigError
-from alignprop_core.trl_compat import (AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline,
-                                       aesthetic_scorer)
+from alignprop_core.trl_compat import (
+    AlignPropConfig,
+    AlignPropTrainer,
+    DefaultDDPOStableDiffusionPipeline,
+    aesthetic_scorer,
+)
 
 
 def trl_style_reward(images, prompts, metadata):
@@ -128,7 +132,8 @@ def test_trl_example_callables_train_and_checkpoint_into_project_dir(tiny_sd_pat
     config.project_kwargs = {"logging_dir": "./logs", "automatic_checkpoint_naming": True, "total_limit": 2,
                              "project_dir": "./save"}
     pipeline = DefaultDDPOStableDiffusionPipeline(str(tiny_sd_path), use_lora=True)
-    trainer = AlignPropTrainer(config, trl_style_reward, animal_prompt, pipeline, image_samples_hook=image_outputs_logger)
+    trainer = AlignPropTrainer(config, trl_style_reward, animal_prompt, pipeline,
+                               image_samples_hook=image_outputs_logger)
     assert config.output_dir == "./save"  # validated in place, as TRL's example's save_model(output_dir) expects
     assert trainer.step(0, 0) == 1  # TRL's step: one optimizer update, returns the next global step
     trainer.train()

@@ -15,11 +15,7 @@ from typing import Any
 
 import torch
 
-from alignprop_core import options
-from alignprop_core.errors import AlignPropError, first_line
-from alignprop_core.hookspecs import hookimpl
-from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
-from alignprop_core.rewards import parse_dtype
+from alignprop_core import plugin_api as api
 
 REWARD_NAME = "aesthetic"
 OWNER = f"reward '{REWARD_NAME}'"
@@ -54,7 +50,7 @@ class AestheticMLP(torch.nn.Module):
     def from_state_dict(cls, state: dict[str, torch.Tensor], source: str) -> "AestheticMLP":
         missing = [k for k in _MLP_KEYS if k not in state]
         if missing:
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"aesthetic: '{source}' is not a LAION aesthetic predictor state dict (missing {', '.join(missing[:4])}"
                 f"{'...' if len(missing) > 4 else ''}); set options.predictor to sac+logos+ava1-l14-linearMSE.pth"
             )
@@ -64,11 +60,13 @@ class AestheticMLP(torch.nn.Module):
             mlp.load_state_dict({k: state[k].float() for k in _MLP_KEYS})
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[-1].strip()
-            raise AlignPropError(f"aesthetic: predictor '{source}' has inconsistent layer shapes ({first})") from exc
+            raise api.AlignPropError(
+                f"aesthetic: predictor '{source}' has inconsistent layer shapes ({first})"
+            ) from exc
         return mlp
 
 
-class AestheticReward(torch.nn.Module):
+class AestheticReward(api.FrozenReward):
     """Frozen differentiable aesthetic score: ``reward(images [B,3,H,W] in [0,1], prompts, metadata) -> [B]``."""
 
     def __init__(self, vision_model: torch.nn.Module, mlp: AestheticMLP, preprocessing: dict[str, Any]):
@@ -76,16 +74,6 @@ class AestheticReward(torch.nn.Module):
         self.vision_model = vision_model
         self.mlp = mlp
         self.preprocessing = dict(preprocessing)
-        self.freeze()
-
-    # The reward is never trained: keep dropout off and parameters frozen whatever the caller does.
-    def freeze(self) -> "AestheticReward":
-        super().train(False)
-        self.requires_grad_(False)
-        return self
-
-    def train(self, mode: bool = True) -> "AestheticReward":
-        return super().train(False)
 
     @classmethod
     def from_options(
@@ -102,33 +90,33 @@ class AestheticReward(torch.nn.Module):
             ``trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth`` from the hub.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for the CLIP tower (the MLP stays float32).
         """
-        torch_dtype = parse_dtype(dtype, REWARD_NAME)
-        clip_model = options.folder_or_hub_id(OWNER, "clip_model", clip_model, what="clip_model folder",
-                                              allowed=f"a hub id or a local folder with a copy of {DEFAULT_CLIP_MODEL} "
-                                              "(config.json + weights)")
-        predictor_path = options.path(OWNER, "predictor", predictor, kind="file", what="predictor file", optional=True,
-                                      allowed=f"a local copy of {DEFAULT_PREDICTOR_REPO}/{DEFAULT_PREDICTOR_FILE} (or "
-                                      "sac+logos+ava1-l14-linearMSE.pth), or null to download that file")
+        torch_dtype = api.parse_dtype(dtype, REWARD_NAME)
+        clip_model = api.folder_or_hub_id(OWNER, "clip_model", clip_model, what="clip_model folder",
+                                          allowed=f"a hub id or a local folder with a copy of {DEFAULT_CLIP_MODEL} "
+                                          "(config.json + weights)")
+        predictor_path = api.path(OWNER, "predictor", predictor, kind="file", what="predictor file", optional=True,
+                                  allowed=f"a local copy of {DEFAULT_PREDICTOR_REPO}/{DEFAULT_PREDICTOR_FILE} (or "
+                                  "sac+logos+ava1-l14-linearMSE.pth), or null to download that file")
         mlp = AestheticMLP.from_state_dict(*_load_predictor_state(predictor_path))  # small: before the CLIP tower
         vision_model, embed_dim = _load_clip_image_tower(clip_model, torch_dtype)
         in_dim = mlp.layers[0].in_features
         if in_dim != embed_dim:
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"aesthetic: the predictor expects {in_dim}-d CLIP embeddings but clip_model '{clip_model}' produces "
                 f"{embed_dim}-d ones; use the CLIP model the predictor was trained on (ViT-L/14: {DEFAULT_CLIP_MODEL})"
             )
-        return cls(vision_model, mlp, read_image_processor_config(clip_model))
+        return cls(vision_model, mlp, api.read_image_processor_config(clip_model))
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable equivalent of the CLIP model's image processor on ``[0,1]`` images."""
-        return image_processor_preprocess(images, self.preprocessing)
+        return api.image_processor_preprocess(images, self.preprocessing)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision_model(pixel_values=pixel_values)
         return out.image_embeds if hasattr(out, "image_embeds") else out[0]
 
     def forward(self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None):
-        check_images(images, REWARD_NAME)
+        api.check_images(images, REWARD_NAME)
         param = next(self.vision_model.parameters())
         # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype), then cast
         pixel_values = self.preprocess(images.to(device=param.device, dtype=torch.float32)).to(param.dtype)
@@ -138,7 +126,7 @@ class AestheticReward(torch.nn.Module):
         return self.mlp(embeds.to(mlp_param.dtype)).squeeze(-1).float()
 
 
-@hookimpl
+@api.hookimpl
 def register_rewards(register):
     register(
         REWARD_NAME,
@@ -166,17 +154,17 @@ def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
         elif isinstance(config, CLIPVisionConfig):
             vision_config = config
         else:
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"aesthetic: clip_model '{source}' is a '{config.model_type}' model, not CLIP; set options.clip_model "
                 f"to {DEFAULT_CLIP_MODEL} or a local copy of it"
             )
         model = _CLIPImageTower.from_pretrained(source, config=vision_config, dtype=dtype)
-    except AlignPropError:
+    except api.AlignPropError:
         raise
     except Exception as exc:
         where = "local folder" if os.path.isdir(source) else "hub id"
-        raise AlignPropError(
-            f"aesthetic: could not load CLIP {where} '{source}' ({type(exc).__name__}: {first_line(exc)}); "
+        raise api.AlignPropError(
+            f"aesthetic: could not load CLIP {where} '{source}' ({api.error_text(exc)}); "
             f"set options.clip_model to a local folder with a copy of {DEFAULT_CLIP_MODEL}"
         ) from exc
     return model, int(vision_config.projection_dim)
@@ -186,7 +174,7 @@ def _load_error(exc: Exception) -> str:
     """Why a state-dict file could not be read, in a few words (torch's weights_only message is a paragraph)."""
     if isinstance(exc, pickle.UnpicklingError):
         return "not a torch.save file of tensors only"
-    return options.error_text(exc)
+    return api.error_text(exc)
 
 
 def _load_predictor_state(predictor: os.PathLike | None) -> tuple[dict[str, torch.Tensor], str]:
@@ -197,9 +185,9 @@ def _load_predictor_state(predictor: os.PathLike | None) -> tuple[dict[str, torc
 
             path = hf_hub_download(DEFAULT_PREDICTOR_REPO, DEFAULT_PREDICTOR_FILE)
         except Exception as exc:
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"aesthetic: could not get {DEFAULT_PREDICTOR_FILE} from hub repo {DEFAULT_PREDICTOR_REPO} "
-                f"({type(exc).__name__}: {first_line(exc)}); download it (or LAION's sac+logos+ava1-l14-linearMSE.pth) "
+                f"({api.error_text(exc)}); download it (or LAION's sac+logos+ava1-l14-linearMSE.pth) "
                 "and set options.predictor to its local path"
             ) from exc
     else:
@@ -212,13 +200,13 @@ def _load_predictor_state(predictor: os.PathLike | None) -> tuple[dict[str, torc
         else:  # a pickle saved on cuda:0: map to CPU, refuse anything but tensors
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise AlignPropError(
+        raise api.AlignPropError(
             f"aesthetic: could not read predictor '{path}' ({_load_error(exc)}); "
             "set options.predictor to a .pth or .safetensors state dict of the LAION aesthetic predictor"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise AlignPropError(f"aesthetic: predictor '{path}' holds a {type(state).__name__}, not a state dict")
+        raise api.AlignPropError(f"aesthetic: predictor '{path}' holds a {type(state).__name__}, not a state dict")
     return state, path
 

@@ -29,10 +29,7 @@ from typing import Any
 
 import torch
 
-from alignprop_core import options
-from alignprop_core.errors import AlignPropError
-from alignprop_core.hookspecs import hookimpl
-from alignprop_core.preprocess import image_processor_preprocess
+from alignprop_core import plugin_api as api
 
 DEFAULT_MODEL = "facebook/flava-full"
 OWNER = "reward 'flava_vqa'"
@@ -72,7 +69,7 @@ def _load(model: str) -> tuple[Any, Any]:
         processor = FlavaProcessor.from_pretrained(path, local_files_only=local)
     except Exception as exc:
         where = f"local folder '{path}'" if local else f"hub id '{path}'"
-        raise AlignPropError(
+        raise api.AlignPropError(
             f"flava_vqa: could not load FlavaForPreTraining and FlavaProcessor from {where} "
             f"({type(exc).__name__}); set the reward option 'model' to a local folder saved with save_pretrained "
             "(model and processor)"
@@ -80,13 +77,13 @@ def _load(model: str) -> tuple[Any, Any]:
     return flava, processor
 
 
-class FlavaVQAReward(torch.nn.Module):
+class FlavaVQAReward(api.FrozenReward):
     """``reward(images, prompts, metadata) -> Tensor[B]``: FLAVA VQA-style score of each image (see module doc)."""
 
     def __init__(self, model: torch.nn.Module, processor: Any, score: str = "itm"):
         super().__init__()
         if score not in SCORES:
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"flava_vqa: unknown score '{score}'; set the option 'score' to one of {', '.join(SCORES)}"
             )
         self.model = model
@@ -97,27 +94,17 @@ class FlavaVQAReward(torch.nn.Module):
         tokenizer_max = getattr(self.tokenizer, "model_max_length", None) or 512
         self.max_length = int(min(text_config.max_position_embeddings, tokenizer_max))
         self._text_cache: dict[tuple, tuple] = {}
-        self.freeze()
 
     @classmethod
     def from_options(cls, model: str = DEFAULT_MODEL, score: str = "itm") -> "FlavaVQAReward":
         """Build the frozen reward. ``model``: hub id or local folder with a ``FlavaForPreTraining`` and its
         ``FlavaProcessor``; ``score``: ``itm`` (match probability) or ``answer_likelihood``."""
-        score = options.choice(OWNER, "score", score, SCORES)
-        model = options.folder_or_hub_id(OWNER, "model", model, what="model folder",
-                                         allowed="a hub id such as facebook/flava-full or a local FlavaForPreTraining "
-                                         "folder (config, weights and processor files)")
+        score = api.choice(OWNER, "score", score, SCORES)
+        model = api.folder_or_hub_id(OWNER, "model", model, what="model folder",
+                                     allowed="a hub id such as facebook/flava-full or a local FlavaForPreTraining "
+                                     "folder (config, weights and processor files)")
         flava, processor = _load(model)
         return cls(flava, processor, score)
-
-    # ----------------------------------------------------------------------------------------------- state
-    def freeze(self) -> "FlavaVQAReward":
-        self.model.requires_grad_(False)
-        return self.train(False)
-
-    def train(self, mode: bool = True) -> "FlavaVQAReward":
-        """The reward model is always in eval mode (no dropout); ``train()`` is a no-op by design."""
-        return super().train(False)
 
     # ------------------------------------------------------------------------------------------ preprocess
     def _configure_preprocessing(self, ip: Any) -> None:
@@ -125,12 +112,12 @@ class FlavaVQAReward(torch.nn.Module):
         do_resize = _field(ip, "do_resize") is not False
         size = {k: _field(_field(ip, "size"), k) for k in ("shortest_edge", "height", "width")}
         if do_resize and not _is_bicubic(_field(ip, "resample")):
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"flava_vqa: the image processor resamples with {_field(ip, 'resample')!r}; only bicubic is "
                 "supported (FLAVA's own setting); fix 'resample' in the model folder's processor config"
             )
         if do_resize and not (size["shortest_edge"] or (size["height"] and size["width"])):
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"flava_vqa: unsupported image processor size {_field(ip, 'size')!r}; expected height/width or "
                 "shortest_edge"
             )
@@ -146,14 +133,14 @@ class FlavaVQAReward(torch.nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable version of the FLAVA image processor (images in [0, 1] = after its 1/255 rescale)."""
-        return image_processor_preprocess(images, self.preprocessing)
+        return api.image_processor_preprocess(images, self.preprocessing)
 
     # ---------------------------------------------------------------------------------------------- text
     def _pairs(self, prompts: list[str], metadata: list[dict] | None) -> list[list[tuple[str | None, str]]]:
         """Per sample, its (question, answer) pairs; ``[(None, prompt)]`` when it has no questions."""
         metadata = metadata if metadata is not None else [{}] * len(prompts)
         if len(metadata) != len(prompts):
-            raise AlignPropError(f"flava_vqa: got {len(prompts)} prompts but {len(metadata)} metadata dicts")
+            raise api.AlignPropError(f"flava_vqa: got {len(prompts)} prompts but {len(metadata)} metadata dicts")
         pairs = []
         for prompt, meta in zip(prompts, metadata):
             meta = meta or {}
@@ -161,7 +148,7 @@ class FlavaVQAReward(torch.nn.Module):
             questions = [questions] if isinstance(questions, str) else list(questions)
             answers = [answers] if isinstance(answers, str) else list(answers)
             if len(questions) != len(answers):
-                raise AlignPropError(
+                raise api.AlignPropError(
                     f"flava_vqa: prompt '{prompt}' has {len(questions)} questions but {len(answers)} answers in its "
                     "metadata; the prompt source must give one answer per question"
                 )
@@ -181,7 +168,7 @@ class FlavaVQAReward(torch.nn.Module):
         q_ids = tok(question, add_special_tokens=False)["input_ids"] if question else []
         a_ids = tok(answer, add_special_tokens=False)["input_ids"][: self.max_length - 2]
         if not a_ids:
-            raise AlignPropError(f"flava_vqa: answer '{answer}' tokenizes to nothing; give non-empty answers")
+            raise api.AlignPropError(f"flava_vqa: answer '{answer}' tokenizes to nothing; give non-empty answers")
         q_ids = q_ids[: max(0, self.max_length - 2 - len(a_ids))]
         ids = [tok.cls_token_id, *q_ids, *([tok.mask_token_id] * len(a_ids)), tok.sep_token_id]
         positions = list(range(1 + len(q_ids), 1 + len(q_ids) + len(a_ids)))
@@ -215,9 +202,9 @@ class FlavaVQAReward(torch.nn.Module):
     # ------------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise AlignPropError(f"flava_vqa: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+            raise api.AlignPropError(f"flava_vqa: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
-            raise AlignPropError(f"flava_vqa: got {images.shape[0]} images but {len(prompts)} prompts")
+            raise api.AlignPropError(f"flava_vqa: got {images.shape[0]} images but {len(prompts)} prompts")
         pairs = self._pairs(list(prompts), metadata)
         keys = [key for sample in pairs for key in sample]
         self._encode_texts(keys)
@@ -262,7 +249,7 @@ class FlavaVQAReward(torch.nn.Module):
         return totals / counts
 
 
-@hookimpl
+@api.hookimpl
 def register_rewards(register):
     register(
         "flava_vqa",

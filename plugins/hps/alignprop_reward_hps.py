@@ -18,10 +18,7 @@ from typing import Any
 
 import torch
 
-from alignprop_core import options
-from alignprop_core.errors import AlignPropError, PluginError
-from alignprop_core.hookspecs import hookimpl
-from alignprop_core.preprocess import CLIP_MEAN, CLIP_STD, normalize, resize_longest_side_pad
+from alignprop_core import plugin_api as api
 
 #: Default weights: hub repository and file per version.
 HUB_REPO = "xswu/HPSv2"
@@ -42,7 +39,7 @@ def _resolve_checkpoint(version: str, checkpoint: os.PathLike | None) -> str:
 
         return hf_hub_download(HUB_REPO, filename)
     except Exception as exc:
-        raise AlignPropError(
+        raise api.AlignPropError(
             f"hps: could not load '{filename}' from the Hugging Face hub repo '{HUB_REPO}' "
             f"({type(exc).__name__}); download it and set the reward option 'checkpoint' to its local path"
         ) from exc
@@ -55,14 +52,14 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         # torch's weights_only message is a paragraph that suggests weights_only=False: say what it means instead
         unpickling = isinstance(exc, pickle.UnpicklingError)
-        reason = "not a torch.save file of tensors only" if unpickling else options.error_text(exc)
-        raise AlignPropError(
+        reason = "not a torch.save file of tensors only" if unpickling else api.error_text(exc)
+        raise api.AlignPropError(
             f"hps: cannot read checkpoint '{path}' with torch.load(weights_only=True) ({reason}); point the option "
             "'checkpoint' at an HPS .pt file"
         ) from exc
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise AlignPropError(
+        raise api.AlignPropError(
             f"hps: checkpoint '{path}' holds no state dict (expected a dict of tensors, or one under 'state_dict'); "
             "point the option 'checkpoint' at an HPS .pt file"
         )
@@ -78,26 +75,26 @@ def _architecture_name(architecture: Any) -> str:
 
     allowed = (f"an open_clip model-config name (default {DEFAULT_ARCHITECTURE}) or the path of an open_clip "
                "model-config .json file")
-    name = options.string(OWNER, "architecture", architecture, allowed=allowed)
-    if not (name.lower().endswith(".json") or options.looks_like_path(name)):
+    name = api.string(OWNER, "architecture", architecture, allowed=allowed)
+    if not (name.lower().endswith(".json") or api.looks_like_path(name)):
         if name not in open_clip.list_models():
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"hps: unknown open_clip architecture '{name}'; set the option 'architecture' to an open_clip "
                 f"model-config name (default {DEFAULT_ARCHITECTURE}) or to the path of a model-config .json file"
             )
         return name
-    path = options.path(OWNER, "architecture", name, kind="file", what="architecture file", allowed=allowed)
-    text = options.read_text(OWNER, "architecture", path, what="architecture file", allowed=allowed)
+    path = api.path(OWNER, "architecture", name, kind="file", what="architecture file", allowed=allowed)
+    text = api.read_text(OWNER, "architecture", path, what="architecture file", allowed=allowed)
     try:
         config = json.loads(text)
     except ValueError as exc:
-        raise PluginError(f"{OWNER}: architecture file '{name}' is not valid JSON ({exc}); set the 'architecture' "
-                          f"option to {allowed}") from None
+        raise api.PluginError(f"{OWNER}: architecture file '{name}' is not valid JSON ({exc}); set the 'architecture' "
+                              f"option to {allowed}") from None
     missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg")
                if not isinstance(config, dict) or key not in config]
     if missing:
-        raise PluginError(f"{OWNER}: architecture file '{name}' is not an open_clip model config (missing "
-                          f"{', '.join(missing)}); set the 'architecture' option to {allowed}")
+        raise api.PluginError(f"{OWNER}: architecture file '{name}' is not an open_clip model config (missing "
+                              f"{', '.join(missing)}); set the 'architecture' option to {allowed}")
     open_clip.add_model_config(str(path))
     return path.stem
 
@@ -114,7 +111,7 @@ def _create_model(name: str) -> torch.nn.Module:
         logging.disable(previous)
 
 
-class HPSReward(torch.nn.Module):
+class HPSReward(api.FrozenReward):
     """``reward(images, prompts, metadata) -> Tensor[B]``: HPS cosine score of each image with its prompt."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, version: str = DEFAULT_VERSION):
@@ -125,7 +122,6 @@ class HPSReward(torch.nn.Module):
         image_size = model.visual.image_size
         self.image_size = int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size)
         self._text_cache: dict[str, torch.Tensor] = {}
-        self.freeze()
 
     @classmethod
     def from_options(
@@ -136,9 +132,9 @@ class HPSReward(torch.nn.Module):
     ) -> "HPSReward":
         """Build the frozen reward. ``version``: ``v2`` or ``v2.1``; ``checkpoint``: local .pt overriding the hub
         file; ``architecture``: open_clip model-config name or config .json path (default ``ViT-H-14``)."""
-        version = options.choice(OWNER, "version", version, HUB_FILES)
-        checkpoint = options.path(OWNER, "checkpoint", checkpoint, kind="file", what="checkpoint file", optional=True,
-                                  allowed=f"a local {HUB_FILES[version]} file, or null to download it from {HUB_REPO}")
+        version = api.choice(OWNER, "version", version, HUB_FILES)
+        checkpoint = api.path(OWNER, "checkpoint", checkpoint, kind="file", what="checkpoint file", optional=True,
+                              allowed=f"a local {HUB_FILES[version]} file, or null to download it from {HUB_REPO}")
         name = _architecture_name(architecture)  # every option is checked before anything large is read
         path = _resolve_checkpoint(version, checkpoint)
         state_dict = _load_state_dict(path)
@@ -150,7 +146,7 @@ class HPSReward(torch.nn.Module):
             model.load_state_dict(state_dict, strict=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[1:3]
-            raise AlignPropError(
+            raise api.AlignPropError(
                 f"hps: checkpoint '{path}' does not fit the open_clip architecture '{name}' "
                 f"({'; '.join(s.strip() for s in first)[:300]}); set the option 'architecture' to the model the "
                 "checkpoint was trained with"
@@ -158,17 +154,10 @@ class HPSReward(torch.nn.Module):
         tokenizer = open_clip.get_tokenizer(name)
         return cls(model, tokenizer, version)
 
-    def freeze(self) -> "HPSReward":
-        self.model.requires_grad_(False)
-        return self.train(False)
-
-    def train(self, mode: bool = True) -> "HPSReward":
-        """The reward model is always in eval mode (no dropout); ``train()`` is a no-op by design."""
-        return super().train(False)
-
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable HPS preprocessing: longest side to the model size (bicubic), centred zero pad, CLIP norm."""
-        return normalize(resize_longest_side_pad(images, self.image_size, fill=0.0), CLIP_MEAN, CLIP_STD)
+        padded = api.resize_longest_side_pad(images, self.image_size, fill=0.0)
+        return api.normalize(padded, api.CLIP_MEAN, api.CLIP_STD)
 
     @torch.no_grad()
     def text_features(self, prompts: list[str]) -> torch.Tensor:
@@ -184,9 +173,9 @@ class HPSReward(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
-            raise AlignPropError(f"hps: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+            raise api.AlignPropError(f"hps: expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
         if len(prompts) != images.shape[0]:
-            raise AlignPropError(f"hps: got {images.shape[0]} images but {len(prompts)} prompts")
+            raise api.AlignPropError(f"hps: got {images.shape[0]} images but {len(prompts)} prompts")
         param = next(self.model.parameters())
         pixels = self.preprocess(images.to(device=param.device, dtype=param.dtype))
         image_features = self.model.encode_image(pixels, normalize=True)
@@ -194,7 +183,7 @@ class HPSReward(torch.nn.Module):
         return (image_features * text_features).sum(dim=-1).float()
 
 
-@hookimpl
+@api.hookimpl
 def register_rewards(register):
     register(
         "hps",

@@ -14,11 +14,7 @@ from typing import Any
 
 import torch
 
-from alignprop_core import options
-from alignprop_core.errors import AlignPropError, first_line
-from alignprop_core.hookspecs import hookimpl
-from alignprop_core.preprocess import check_images, image_processor_preprocess, read_image_processor_config
-from alignprop_core.rewards import parse_dtype
+from alignprop_core import plugin_api as api
 
 REWARD_NAME = "pickscore"
 OWNER = f"reward '{REWARD_NAME}'"
@@ -28,7 +24,7 @@ TEXT_MAX_LENGTH = 77
 TEXT_CACHE_SIZE = 8192  # prompts kept (oldest dropped first); one embedding is 1024 floats for PickScore
 
 
-class PickScoreReward(torch.nn.Module):
+class PickScoreReward(api.FrozenReward):
     """Frozen differentiable PickScore: ``reward(images [B,3,H,W] in [0,1], prompts [B], metadata) -> [B]``."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, preprocessing: dict[str, Any]):
@@ -39,16 +35,6 @@ class PickScoreReward(torch.nn.Module):
         max_positions = getattr(getattr(model.config, "text_config", None), "max_position_embeddings", TEXT_MAX_LENGTH)
         self.text_max_length = min(TEXT_MAX_LENGTH, int(max_positions))
         self._text_cache: dict[str, torch.Tensor] = {}
-        self.freeze()
-
-    # The reward is never trained: keep it in eval mode with frozen parameters whatever the caller does.
-    def freeze(self) -> "PickScoreReward":
-        super().train(False)
-        self.requires_grad_(False)
-        return self
-
-    def train(self, mode: bool = True) -> "PickScoreReward":
-        return super().train(False)
 
     @classmethod
     def from_options(
@@ -66,23 +52,23 @@ class PickScoreReward(torch.nn.Module):
         """
         from transformers import AutoTokenizer, CLIPModel
 
-        torch_dtype = parse_dtype(dtype, REWARD_NAME)
-        model = options.folder_or_hub_id(OWNER, "model", model, what="model folder",
-                                         allowed=f"a hub id or a local copy of {DEFAULT_MODEL} (config.json + model "
-                                         "weights)")
-        processor = options.folder_or_hub_id(OWNER, "processor", processor, what="processor folder",
-                                             allowed=f"a hub id or a local copy of {DEFAULT_PROCESSOR} (the CLIP "
-                                             "tokenizer files + preprocessor_config.json)")
+        torch_dtype = api.parse_dtype(dtype, REWARD_NAME)
+        model = api.folder_or_hub_id(OWNER, "model", model, what="model folder",
+                                     allowed=f"a hub id or a local copy of {DEFAULT_MODEL} (config.json + model "
+                                     "weights)")
+        processor = api.folder_or_hub_id(OWNER, "processor", processor, what="processor folder",
+                                         allowed=f"a hub id or a local copy of {DEFAULT_PROCESSOR} (the CLIP "
+                                         "tokenizer files + preprocessor_config.json)")
         clip = _load(lambda path: CLIPModel.from_pretrained(path, dtype=torch_dtype), model, "model", DEFAULT_MODEL,
                      "CLIPModel")
         tokenizer = _load(AutoTokenizer.from_pretrained, processor, "processor", DEFAULT_PROCESSOR,
                           "the tokenizer from")
-        return cls(clip, tokenizer, read_image_processor_config(processor))
+        return cls(clip, tokenizer, api.read_image_processor_config(processor))
 
     # --------------------------------------------------------------------------------------------- pieces
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Differentiable equivalent of the processor's CLIPImageProcessor on ``[0,1]`` images."""
-        return image_processor_preprocess(images, self.preprocessing)
+        return api.image_processor_preprocess(images, self.preprocessing)
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (differentiable)."""
@@ -121,7 +107,7 @@ class PickScoreReward(torch.nn.Module):
         return self.model.logit_scale.exp().float() * (image * text).sum(dim=-1)
 
 
-@hookimpl
+@api.hookimpl
 def register_rewards(register):
     register(
         REWARD_NAME,
@@ -144,20 +130,20 @@ def _features(out: Any) -> torch.Tensor:
 
 
 def _load(loader: Any, source: str, option: str, default: str, what: str) -> Any:
-    """``loader(folder or hub id)`` (``source`` checked by :func:`options.folder_or_hub_id`), with a one-line error
+    """``loader(folder or hub id)`` (``source`` checked by :func:`api.folder_or_hub_id`), with a one-line error
     that names the option."""
     try:
         return loader(source)
     except Exception as exc:
         where = "local folder" if os.path.isdir(source) else "hub id"
-        raise AlignPropError(
-            f"pickscore: could not load {what} {where} '{source}' ({type(exc).__name__}: {first_line(exc)}); "
+        raise api.AlignPropError(
+            f"pickscore: could not load {what} {where} '{source}' ({api.error_text(exc)}); "
             f"set options.{option} to a local folder with a copy of {default}"
         ) from exc
 
 
 def _check_inputs(images: Any, prompts: Any) -> None:
-    check_images(images, REWARD_NAME)
+    api.check_images(images, REWARD_NAME)
     if isinstance(prompts, str) or len(prompts) != images.shape[0]:
         n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-        raise AlignPropError(f"pickscore: got {images.shape[0]} images but {n}; pass one prompt per image (a list)")
+        raise api.AlignPropError(f"pickscore: got {images.shape[0]} images but {n}; pass one prompt per image (a list)")

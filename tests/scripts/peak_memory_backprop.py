@@ -2,19 +2,26 @@
 
 usage: peak_memory_backprop.py PIPELINE_DIR CHECKPOINTING(0|1) STEPS SIZE
 """
-import resource, sys, torch
-from diffusers import StableDiffusionPipeline, DDIMScheduler
+import resource
+import sys
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
 from alignprop_core.lora import add_lora
 from alignprop_core.sampler import encode_prompts, sample_images
+
 path, ckpt, steps, size = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True)
 pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-for m in (pipe.unet, pipe.vae, pipe.text_encoder): m.requires_grad_(False)
+for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    module.requires_grad_(False)
 params = add_lora(pipe.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
 emb = encode_prompts(pipe, ["a cat", "a dog"], None, 5.0, torch.device("cpu"))
 g = torch.Generator().manual_seed(0)
 sample_images(pipe, emb, num_steps=2, guidance_scale=5.0, eta=1.0, height=size, width=size, grad_steps=0, generator=g)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-images = sample_images(pipe, emb, num_steps=steps, guidance_scale=5.0, eta=1.0, height=size, width=size, grad_steps=steps, generator=g, gradient_checkpointing=ckpt)
+images = sample_images(pipe, emb, num_steps=steps, guidance_scale=5.0, eta=1.0, height=size, width=size,
+                       grad_steps=steps, generator=g, gradient_checkpointing=ckpt)
 images.mean().backward()
 print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, "MiB")

@@ -60,8 +60,9 @@ def _reference_scores(folder, state, images, helpers):
 
 
 def test_entry_point_registers_aesthetic():
-    from alignprop_core import plugins
     from alignprop_reward_aesthetic import AestheticReward
+
+    from alignprop_core import plugins
 
     registration = plugins.registrations("reward")["aesthetic"]
     assert registration.package == "alignprop-reward-aesthetic"
@@ -87,8 +88,8 @@ def test_preprocessing_parity_with_pil_image_processor(tiny, reward, shape, help
     Measured (these images; transformers 5.24, Pillow 13, torch 2.13 CPU): max |pixel diff| 0.0156 in normalised
     units (about 1.1/255: PIL rounds to uint8 after each of its two resize passes), mean <= 0.0045; exactly 0 for
     the crop-only shapes (299x224, 224x301). Score diff <= 3.4e-3 here (<= 5.6e-3 over more shapes) on the tiny
-    model whose scores span 7.4-8.2 across images. With alignprop_core.preprocess.clip_preprocess (round-half-even
-    crop offset, one-pass resize) the 299x224 image is off by 0.81 per pixel and 0.078 in score: caught here.
+    model whose scores span 7.4-8.2 across images. With torchvision's round-half-even crop offset and a one-pass
+    resize instead, the 299x224 image is off by 0.81 per pixel and 0.078 in score: caught here.
     """
     h, w = shape
     img = helpers.uint8_image(h, w, seed=h + w)
@@ -149,9 +150,8 @@ def test_dtype_option_runs_the_clip_tower_in_bfloat16(tiny, reward):
 
 
 def test_safetensors_predictor_gives_the_same_scores(tiny, reward):
-    from safetensors.torch import save_file
-
     from alignprop_reward_aesthetic import AestheticReward
+    from safetensors.torch import save_file
 
     path = tiny["root"] / "predictor.safetensors"
     save_file({k: v.contiguous() for k, v in tiny["state"].items()}, str(path))
@@ -162,8 +162,9 @@ def test_safetensors_predictor_gives_the_same_scores(tiny, reward):
 
 
 def test_missing_predictor_file_is_a_clear_error(tiny, tmp_path):
-    from alignprop_core.errors import AlignPropError
     from alignprop_reward_aesthetic import AestheticReward
+
+    from alignprop_core.plugin_api import AlignPropError
 
     missing = tmp_path / "nope" / "sac+logos+ava1-l14-linearMSE.pth"
     with pytest.raises(AlignPropError, match=r"predictor file .*nope.* does not exist.*'predictor' option") as info:
@@ -172,16 +173,18 @@ def test_missing_predictor_file_is_a_clear_error(tiny, tmp_path):
 
 
 def test_missing_clip_folder_is_a_clear_error(tiny, tmp_path):
-    from alignprop_core.errors import AlignPropError
     from alignprop_reward_aesthetic import AestheticReward
+
+    from alignprop_core.plugin_api import AlignPropError
 
     with pytest.raises(AlignPropError, match=r"clip_model folder .*missing_clip.* does not exist.*'clip_model' option"):
         AestheticReward.from_options(clip_model=str(tmp_path / "missing_clip"), predictor=tiny["predictor"])
 
 
 def test_wrong_checkpoints_are_clear_errors(tiny, tmp_path):
-    from alignprop_core.errors import AlignPropError
     from alignprop_reward_aesthetic import AestheticReward
+
+    from alignprop_core.plugin_api import AlignPropError
 
     not_mlp = tmp_path / "other.pth"
     torch.save({"weight": torch.zeros(3)}, not_mlp)
@@ -199,7 +202,7 @@ def test_wrong_checkpoints_are_clear_errors(tiny, tmp_path):
 
 
 def test_bad_images_are_a_clear_error(reward):
-    from alignprop_core.errors import AlignPropError
+    from alignprop_core.plugin_api import AlignPropError
 
     with pytest.raises(AlignPropError, match=r"\[B, 3, H, W\]"):
         reward(torch.rand(3, 64, 64), ["a"], [{}])
@@ -237,7 +240,7 @@ def no_loading(monkeypatch):
 ])
 def test_bad_options_are_one_line_errors_before_loading(tiny, tmp_path, no_loading, options, parts):
     from alignprop_core import plugins
-    from alignprop_core.errors import PluginError
+    from alignprop_core.plugin_api import PluginError
 
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_bytes(b"\x00\x01")
@@ -256,8 +259,9 @@ def test_bad_options_are_one_line_errors_before_loading(tiny, tmp_path, no_loadi
 
 
 def test_binary_predictor_is_a_short_one_line_error(tiny, tmp_path):
-    from alignprop_core.errors import AlignPropError
     from alignprop_reward_aesthetic import AestheticReward
+
+    from alignprop_core.plugin_api import AlignPropError
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(bytes(range(256)) * 4)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alignprop_core import AlignPropTrainer, plugins
-from alignprop_core.errors import PluginError
+from alignprop_core.plugin_api import PluginError
 
 
 def test_installed_plugin_is_listed_with_its_package():

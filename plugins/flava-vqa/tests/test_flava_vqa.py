@@ -22,7 +22,7 @@ from transformers import (  # noqa: E402
 )
 
 from alignprop_core import plugins  # noqa: E402
-from alignprop_core.errors import AlignPropError  # noqa: E402
+from alignprop_core.plugin_api import AlignPropError  # noqa: E402
 
 WORDS = (
     "how many cats dogs are there in this image what animal is cat dog a an photo of the on red blue car cars "
@@ -283,7 +283,7 @@ def test_two_step_training_run_with_flava_vqa(model_dir, train_two_steps):
 def test_bad_options_are_one_line_errors_before_loading(model_dir, tmp_path, monkeypatch, options, parts):
     import alignprop_reward_flava_vqa as module
 
-    from alignprop_core.errors import PluginError
+    from alignprop_core.plugin_api import PluginError
 
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the options were checked")

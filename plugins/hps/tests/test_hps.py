@@ -16,7 +16,7 @@ open_clip = pytest.importorskip("open_clip")
 from PIL import Image  # noqa: E402
 
 from alignprop_core import plugins  # noqa: E402
-from alignprop_core.errors import AlignPropError  # noqa: E402
+from alignprop_core.plugin_api import AlignPropError  # noqa: E402
 
 ARCH = "alignprop-tiny-hps-test"
 TINY_CONFIG = {
@@ -234,7 +234,7 @@ def bad_files(tmp_path):
 def test_bad_options_are_one_line_errors_before_loading(tiny, bad_files, monkeypatch, options, parts):
     import alignprop_reward_hps as module
 
-    from alignprop_core.errors import PluginError
+    from alignprop_core.plugin_api import PluginError
 
     def fail(*args, **kwargs):
         raise AssertionError("the checkpoint was read before the options were checked")

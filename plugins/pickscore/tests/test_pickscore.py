@@ -44,8 +44,9 @@ def _reference(tiny_model, tiny_processor, images, prompts, helpers, pil=True):
 
 
 def test_entry_point_registers_pickscore():
-    from alignprop_core import plugins
     from alignprop_reward_pickscore import PickScoreReward
+
+    from alignprop_core import plugins
 
     registration = plugins.registrations("reward")["pickscore"]
     assert registration.package == "alignprop-reward-pickscore"
@@ -79,9 +80,8 @@ def test_preprocessing_parity_with_clip_image_processor(tiny, reward, shape, pil
     Measured (these images; transformers 5.24, Pillow 13, torch 2.13 CPU): max |pixel diff| 0.0156 (PIL) /
     0.0160 (torchvision) in normalised units, i.e. about 1/255 (both references round to uint8 after each resize
     pass), mean <= 0.0045; exactly 0 for the crop-only shapes (299x224, 224x301). Score diff <= 0.019 on the tiny
-    model with PickScore's logit scale (100), scores 3-13 for these images. With
-    alignprop_core.preprocess.clip_preprocess (round-half-even crop offset) the 299x224 image is off by 0.81 per
-    pixel and 1.67 in score: caught here.
+    model with PickScore's logit scale (100), scores 3-13 for these images. With torchvision's round-half-even crop
+    offset instead, the 299x224 image is off by 0.81 per pixel and 1.67 in score: caught here.
     """
     h, w = shape
     img = helpers.uint8_image(h, w, seed=h + w)
@@ -167,8 +167,9 @@ def test_text_embeddings_are_cached_per_prompt(tiny):
 
 
 def test_missing_local_folders_are_clear_errors(tiny, tmp_path):
-    from alignprop_core.errors import AlignPropError
     from alignprop_reward_pickscore import PickScoreReward
+
+    from alignprop_core.plugin_api import AlignPropError
 
     with pytest.raises(AlignPropError, match=r"model folder .*no_model.* does not exist.*'model' option") as info:
         PickScoreReward.from_options(model=str(tmp_path / "no_model"), processor=tiny["processor"])
@@ -182,7 +183,7 @@ def test_missing_local_folders_are_clear_errors(tiny, tmp_path):
 
 
 def test_bad_inputs_are_clear_errors(reward):
-    from alignprop_core.errors import AlignPropError
+    from alignprop_core.plugin_api import AlignPropError
 
     with pytest.raises(AlignPropError, match="2 images but 1 prompts"):
         reward(torch.rand(2, 3, 64, 64), ["one"], [{}])
@@ -211,7 +212,7 @@ def test_bad_options_are_one_line_errors_before_loading(tiny, tmp_path, monkeypa
     import alignprop_reward_pickscore as module
 
     from alignprop_core import plugins
-    from alignprop_core.errors import PluginError
+    from alignprop_core.plugin_api import PluginError
 
     def fail(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")

@@ -1,0 +1,83 @@
+"""Model families: one module per kind of diffusers pipeline, each a :class:`~alignprop_core.families.base.Family`.
+
+``FAMILIES`` lists them; everything outside this package finds a family here (by pipeline class name before
+loading, by the loaded pipeline, by name, or by the components a LoRA file adapts) and then calls only its methods.
+Adding a family: a module with a :class:`Family` subclass and its instance added to ``FAMILIES``. Nothing here
+imports torch or diffusers at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+from alignprop_core.errors import AlignPropError, ConfigError
+from alignprop_core.families.base import Evaluate, Family, PromptEmbeddings
+from alignprop_core.families.sd import SD, TINY_MODEL_ID, StableDiffusionFamily
+from alignprop_core.families.sdxl import SDXL, TINY_SDXL_MODEL_ID, SDXLPromptEmbeddings, StableDiffusionXLFamily
+
+__all__ = ["FAMILIES", "SD", "SDXL", "TINY_MODEL_ID", "TINY_SDXL_MODEL_ID", "Evaluate", "Family", "PromptEmbeddings",
+           "SDXLPromptEmbeddings", "StableDiffusionFamily", "StableDiffusionXLFamily", "family_for_class_name",
+           "family_for_lora", "family_named", "family_of", "lora_components", "prepare_pipeline",
+           "supported_pipelines"]
+
+#: every family, in the order they are tried; the first is the default (LoRA files, ``save_lora``)
+FAMILIES: tuple[Family, ...] = (SD, SDXL)
+
+
+def supported_pipelines() -> str:
+    """The "supported:" list of messages: each pipeline class with what it is."""
+    return ", ".join(f"{cls} ({family.description})" for family in FAMILIES for cls in family.pipeline_classes)
+
+
+def family_named(name: Optional[Family | str] = None) -> Family:
+    """The family called ``name`` (a family passes through; None: the default family)."""
+    if name is None:
+        return FAMILIES[0]
+    if isinstance(name, Family):
+        return name
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ConfigError(f"family: got {name!r}, allowed: one of {', '.join(f.name for f in FAMILIES)}")
+
+
+def family_for_class_name(class_name: Optional[str], source: str) -> Family:
+    """The family of a pipeline class name (``_class_name`` of a ``model_index.json``), checked before any weights
+    are loaded; a one-line :class:`ConfigError` naming the supported classes for anything else."""
+    for family in FAMILIES:
+        if class_name in family.pipeline_classes:
+            return family
+    raise ConfigError(f"pretrained_model: '{source}' is a {class_name or 'pipeline of unknown class'}, which "
+                      f"alignprop cannot train; supported: {supported_pipelines()}")
+
+
+def family_of(pipe: Any) -> Family:
+    """The family of a loaded pipeline: by class (subclasses included), else an :class:`AlignPropError` naming the
+    supported classes."""
+    for family in FAMILIES:
+        if family.handles(pipe):
+            return family
+    raise AlignPropError(f"the pipeline is a {type(pipe).__name__}, which alignprop cannot train; supported: "
+                         f"{supported_pipelines()}")
+
+
+def prepare_pipeline(pipe: Any, scheduler: str, device: Any, dtype: Any) -> Family:
+    """Set a loaded pipeline up for differentiable sampling (see :meth:`Family.prepare`); returns its family."""
+    family = family_of(pipe)
+    family.prepare(pipe, scheduler, device, dtype)
+    return family
+
+
+def lora_components() -> tuple[str, ...]:
+    """Every pipeline component a LoRA file of some family may adapt, in family order, each once."""
+    return tuple(dict.fromkeys(c for family in FAMILIES for c in family.lora_components))
+
+
+def family_for_lora(components: Iterable[str]) -> Family:
+    """The first family whose pipelines have all ``components`` (a LoRA file's key prefixes): the class that
+    writes a LoRA adapting them."""
+    wanted = set(components)
+    for family in FAMILIES:
+        if wanted <= set(family.lora_components):
+            return family
+    raise ConfigError(f"no supported pipeline has all of {sorted(wanted)}; supported: {supported_pipelines()}")

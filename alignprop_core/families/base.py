@@ -1,0 +1,197 @@
+"""The family protocol: everything model-specific that sampling, training, evaluation and LoRA files need.
+
+A *family* is one kind of diffusers pipeline (SD 1.x/2.x, SDXL, ...). The sampler, trainer, ``eval``/``sample`` and
+``mix`` only call the methods of :class:`Family`, so adding a family means adding one module to this package and
+its instance to ``FAMILIES`` in ``families/__init__.py``. Nothing here imports torch or diffusers at import time
+(the CLI lists the families for ``--help``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from alignprop_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+#: ``evaluate(model_input, t, denoiser_kwargs) -> prediction``: one denoiser call, given by the sampler (which
+#: decides about gradient checkpointing).
+Evaluate = Callable[["torch.Tensor", "torch.Tensor", dict], "torch.Tensor"]
+
+
+@dataclass
+class PromptEmbeddings:
+    """Text conditioning of one batch: ``positive`` ``[B, ...]``; ``negative`` is None when guidance is off.
+    Families with more conditioning subclass it (every field a tensor ``[B, ...]`` or None)."""
+
+    positive: torch.Tensor
+    negative: Optional[torch.Tensor]
+
+    @property
+    def guided(self) -> bool:
+        """Whether the denoiser runs classifier-free guided (a negative half in every call)."""
+        return self.negative is not None
+
+    def repeat(self, n: int) -> "PromptEmbeddings":
+        """The batch repeated ``n`` times (draw-major: the whole batch, then the whole batch again, ...)."""
+        import torch
+
+        def rep(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if x is None else torch.cat([x] * n)
+
+        return type(self)(*(rep(getattr(self, f.name)) for f in fields(self)))
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and implement the methods that raise here."""
+
+    #: config / CLI name ("sd")
+    name: str = ""
+    #: the family in messages ("SD-1.x")
+    label: str = ""
+    #: what the "supported:" list says after the pipeline class ("SD 1.x/2.x")
+    description: str = ""
+    #: diffusers pipeline classes (``_class_name`` in ``model_index.json``) it handles; the first one loads
+    pipeline_classes: tuple[str, ...] = ()
+    #: the pipeline component that is denoised through and gets the LoRA
+    denoiser_name: str = "unet"
+    #: the denoiser in messages
+    denoiser_label: str = "UNet"
+    #: pipeline components a LoRA file of this family may adapt (``<component>.`` key prefixes)
+    lora_components: tuple[str, ...] = ()
+    #: denoiser modules that get LoRA adapters by default
+    lora_target_modules: tuple[str, ...] = ()
+    #: ``pretrained_model`` id of its tiny random-weight pipeline (None: no tiny pipeline)
+    tiny_id: Optional[str] = None
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+    # ------------------------------------------------------------------ loading
+
+    def pipeline_class(self) -> Any:
+        """The diffusers class that loads this family's pipelines and writes its LoRA files."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def handles(self, pipe: Any) -> bool:
+        """Whether ``pipe`` (a loaded pipeline) is of this family: an instance of one of its classes."""
+        import diffusers
+
+        return isinstance(pipe, tuple(getattr(diffusers, name) for name in self.pipeline_classes))
+
+    def load_kwargs(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments (parts that sampling never uses, left out)."""
+        return {}
+
+    def load(self, source: str, **kwargs: Any) -> Any:
+        """Load a pipeline of this family from a hub id or folder (``kwargs`` go to ``from_pretrained``)."""
+        return self.pipeline_class().from_pretrained(source, **self.load_kwargs(), **kwargs)
+
+    def prepare(self, pipe: Any, scheduler: str, device: Any, dtype: Any) -> None:
+        """Set a loaded pipeline up for differentiable sampling: scheduler ``scheduler`` (a name of
+        :data:`alignprop_core.schedulers.SCHEDULERS`), every model frozen, on ``device``, in ``dtype``."""
+        raise NotImplementedError
+
+    def denoiser(self, pipe: Any) -> Any:
+        """The module that gets LoRA (or is fine-tuned): the UNet or transformer."""
+        return getattr(pipe, self.denoiser_name)
+
+    def default_size(self, pipe: Any) -> int:
+        """Image side in pixels when the config gives none."""
+        raise NotImplementedError
+
+    def size_multiple(self, pipe: Any) -> int:
+        """Image sides must be a multiple of this (the VAE factor, times any patch size)."""
+        return int(pipe.vae_scale_factor)
+
+    # ------------------------------------------------------------------ sampling
+
+    def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
+                       device: Any) -> PromptEmbeddings:
+        """Frozen text encoding (no graph) of one batch; ``negative`` set when ``guidance_scale > 1``."""
+        raise NotImplementedError
+
+    def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
+        """Reset ``pipe.scheduler`` for a new chain of ``num_steps`` evaluations; returns its timesteps."""
+        raise NotImplementedError
+
+    def initial_latents(self, pipe: Any, batch: int, height: int, width: int, dtype: Any, device: Any,
+                        generator: Any) -> Any:
+        """Starting noise of the chain (scaled as the scheduler expects), from ``generator`` (one or one per image)."""
+        raise NotImplementedError
+
+    def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
+        """Extra keyword arguments of ``scheduler.step`` (eta, generator) that the scheduler accepts."""
+        raise NotImplementedError
+
+    def denoiser_kwargs(self, pipe: Any, embeddings: PromptEmbeddings, height: int, width: int) -> dict[str, Any]:
+        """Keyword arguments of one guidance-batched denoiser call (negative half first), computed once per chain."""
+        raise NotImplementedError
+
+    def call_denoiser(self, denoiser: Any, sample: Any, t: Any, kwargs: dict[str, Any]) -> Any:
+        """One plain denoiser call; the sampler wraps it for gradient checkpointing."""
+        raise NotImplementedError
+
+    def guided_prediction(self, evaluate: Evaluate, scheduler: Any, latents: Any, t: Any, kwargs: dict[str, Any],
+                          guidance_scale: float, guided: bool) -> Any:
+        """One guided denoiser evaluation at ``t``: the scheduler's input scaling, one ``evaluate`` call, guidance;
+        returns what ``scheduler.step`` takes."""
+        raise NotImplementedError
+
+    def decode(self, pipe: Any, latents: Any) -> Any:
+        """Latents to float images ``[B, 3, H, W]`` in ``[0, 1]`` (differentiable when grad is enabled)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ LoRA files
+
+    def save_lora_weights(self, directory: str | os.PathLike, layers: dict[str, dict[str, Any]],
+                          metadata: dict[str, dict]) -> None:
+        """Write ``{component: {key: tensor}}`` LoRA layers with their peft adapter configs through the family's
+        pipeline class ``save_lora_weights`` (diffusers' format, safetensors)."""
+        kwargs: dict[str, Any] = {}
+        for component, state in layers.items():
+            kwargs[f"{component}_lora_layers"] = state
+            if component in metadata:
+                kwargs[f"{component}_lora_adapter_metadata"] = metadata[component]
+        self.pipeline_class().save_lora_weights(save_directory=str(directory), safe_serialization=True, **kwargs)
+
+    def lora_state_dict(self, directory: str | os.PathLike, **kwargs: Any) -> Any:
+        """The family pipeline class's ``lora_state_dict`` of a LoRA folder (what it returns, as it returns it)."""
+        return self.pipeline_class().lora_state_dict(str(directory), **kwargs)
+
+    def save_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
+        """Write the denoiser's LoRA as ``directory/pytorch_lora_weights.safetensors``, byte-identical for identical
+        weights. The adapter config (rank, alpha, targets) goes into the metadata: without it diffusers would load a
+        LoRA trained with ``lora_alpha != lora_rank`` at the wrong scale."""
+        from alignprop_core import lora_files
+
+        config = lora_files.sorted_sets(denoiser.peft_config["default"].to_dict())
+        self.save_lora_weights(directory, {self.denoiser_name: lora_files.unet_lora_state_dict(denoiser)},
+                               {self.denoiser_name: config})
+        lora_files.canonicalize_safetensors_header(Path(directory) / lora_files.LORA_WEIGHTS_NAME)
+
+    def load_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
+        """Load a LoRA folder's denoiser weights into the denoiser's existing peft adapter ``default``."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        state, _ = self.lora_state_dict(directory)
+        prefix = self.denoiser_name + "."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ConfigError(f"LoRA in '{directory}' does not fit this {self.denoiser_label} (unexpected keys "
+                              f"such as {unexpected[0]}); resume with the same lora_rank and lora_target_modules")
+
+    # ------------------------------------------------------------------ tiny pipeline
+
+    def build_tiny(self, path: str | os.PathLike, seed: int = 0, sample_size: int = 16) -> Path:
+        """Build this family's tiny random-weight pipeline (seeded) and save it to ``path``; returns ``path``."""
+        raise NotImplementedError(f"the {self.label} family has no tiny pipeline")

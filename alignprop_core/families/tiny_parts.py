@@ -1,0 +1,57 @@
+"""Parts shared by the tiny pipelines: a character-level CLIP tokenizer, a toy CLIP text config, a toy VAE.
+
+No file or network is needed: the tokenizer is a character-level CLIP BPE (the 256 byte symbols, their ``</w>``
+forms, two special tokens, no merges).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode map (as in OpenAI's simple_tokenizer)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def tiny_clip_tokenizer() -> Any:
+    """Character-level ``CLIPTokenizer`` (514 tokens, max length 77)."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": len(symbols) + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77, unk_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_text_config(tokenizer: Any) -> Any:
+    """``CLIPTextConfig`` of the tiny text encoders: hidden size 32, 2 layers, projection 32."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+
+
+def tiny_vae(sample_size: int, **overrides: Any) -> Any:
+    """The tiny ``AutoencoderKL`` (VAE factor 8, 4 latent channels) for ``sample_size`` latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=8 * sample_size, **overrides)

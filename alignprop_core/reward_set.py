@@ -1,0 +1,109 @@
+"""The rewards of a run and the one weighted sum the trainer maximises and eval reports::
+
+    total(images) = sum_j  w_j * r_j(images, prompts, metadata)        (each r_j: [B], frozen, differentiable)
+
+Rewards come from plugins selected by name (``rewards`` in the config) or from one TRL-style ``reward_function``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from alignprop_core import plugins
+from alignprop_core.errors import PluginError
+from alignprop_core.rewards import call_reward, freeze
+
+
+@dataclass
+class WeightedReward:
+    """One term of the sum. ``trl_style``: a ``reward_function`` given to the trainer; TRL checked nothing about it,
+    so the trainer only warns about a broken one at construction and refuses it when training starts."""
+
+    name: str
+    weight: float
+    fn: Callable[..., Any]
+    trl_style: bool = False
+
+
+class RewardSet:
+    """Frozen rewards on ``device`` and their weighted sum."""
+
+    def __init__(self, rewards: Sequence[WeightedReward], device: Optional[torch.device | str] = None):
+        self.rewards = list(rewards)
+        for reward in self.rewards:
+            freeze(reward.fn, device)
+
+    @classmethod
+    def from_specs(cls, specs: Sequence[Any], device: Optional[torch.device | str] = None) -> "RewardSet":
+        """The config's ``rewards`` (``RewardSpec``: name, weight, options), built by their plugins."""
+        return cls([WeightedReward(s.name, s.weight, plugins.build("reward", s.name, s.options)) for s in specs],
+                   device)
+
+    @classmethod
+    def from_function(cls, fn: Callable[..., Any], device: Optional[torch.device | str] = None) -> "RewardSet":
+        """A TRL-style ``reward_fn(images, prompts, metadata) -> Tensor[B]`` or ``(Tensor[B], metadata)``."""
+        return cls([WeightedReward("reward", 1.0, fn, trl_style=True)], device)
+
+    def __iter__(self) -> Iterator[WeightedReward]:
+        return iter(self.rewards)
+
+    @property
+    def trl_style(self) -> bool:
+        return any(r.trl_style for r in self.rewards)
+
+    def score(self, images: torch.Tensor, prompts: list[str],
+              metadata: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum ``[B]`` and each reward's own scores, each checked against the reward contract."""
+        parts = {r.name: call_reward(r.name, r.fn, images, prompts, metadata) for r in self.rewards}
+        return sum(r.weight * parts[r.name] for r in self.rewards), parts
+
+    def unchecked_total(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Any:
+        """TRL's ``compute_rewards``: the weighted sum of whatever the rewards return (a ``(scores, metadata)``
+        tuple unpacked), without the contract checks."""
+        total: Any = 0
+        for reward in self.rewards:
+            out = reward.fn(images, prompts, metadata)
+            total = total + reward.weight * (out[0] if isinstance(out, tuple) and len(out) == 2 else out)
+        return total
+
+    def check_or_warn(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Optional[PluginError]:
+        """:meth:`check_contract`; for a TRL-style reward function the problem is printed as a warning and returned
+        (the trainer raises it when training starts: TRL's own tests build trainers with a placeholder scorer)."""
+        try:
+            self.check_contract(images, prompts, metadata)
+        except PluginError as exc:
+            if not self.trl_style:
+                raise
+            print(f"warning: {exc}; train() will refuse this reward_function", file=sys.stderr)
+            return exc
+        return None
+
+    def check_contract(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> None:
+        """Score ``images`` (which require grad) once, so a reward that breaks the contract (shape, type, no gradient)
+        fails with a one-line :class:`PluginError` before anything is trained. NaN/inf scores pass: the trainer's
+        non-finite guard handles those."""
+        total, _ = self.score(images, prompts, metadata)
+        if not torch.isfinite(total).all():
+            return
+        grad = torch.autograd.grad(total.sum(), images, allow_unused=True)[0] if total.requires_grad else None
+        if grad is None:
+            raise PluginError("the rewards do not depend on the images (no gradient reaches them); a reward must "
+                              "be computed from its images argument with differentiable torch ops")
+
+
+def reward_metrics(total: torch.Tensor, components: dict[str, list[torch.Tensor]]) -> dict[str, float]:
+    """``reward_mean``/``reward_std`` of the weighted total and ``reward/<name>_mean``/``_std`` of each reward."""
+    metrics = {"reward_mean": total.mean().item(), "reward_std": _std(total)}
+    for name, values in components.items():
+        joined = torch.cat(values).float()
+        metrics[f"reward/{name}_mean"] = joined.mean().item()
+        metrics[f"reward/{name}_std"] = _std(joined)
+    return metrics
+
+
+def _std(values: torch.Tensor) -> float:
+    return values.std().item() if values.numel() > 1 else 0.0
