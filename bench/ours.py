@@ -61,7 +61,7 @@ def run_train(args: argparse.Namespace) -> None:
             meter.step(trainer.train_step)
             images = trainer.state.global_step * args.batch
             if images in save_at:
-                saved.append({"images": images, "lora": str(trainer.save_lora(out / f"images-{images:05d}"))})
+                saved.append({"images": images, "lora": str(trainer.save_model(out / f"images-{images:05d}"))})
         emit({"side": "alignprop", **vars(args), "checkpoints": saved, **meter.result()})
 
 

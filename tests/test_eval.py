@@ -57,7 +57,7 @@ class Images(HTMLParser):
 def test_eval_scores_base_and_loras_on_the_same_prompts_and_noise(trained, capsys):
     config, result, zero_dir, root = trained
     out = root / "report"
-    report = run_eval(config, [result.lora_dir, zero_dir], out_dir=out)
+    report = run_eval(config, [result.output_dir, zero_dir], out_dir=out)
 
     # one row per model x reward (+ the weighted total, as there are two rewards)
     assert [(r["model"], r["reward"]) for r in report.rows] == [
@@ -103,7 +103,7 @@ def test_eval_with_a_prompts_file_and_the_command_line(trained, tmp_path):
     prompts.write_text("a red fox\n\na blue bird\n")
     code = main(["eval", "--pretrained_model", config.pretrained_model, "--rewards", "saturation",
                  "--sample_num_steps", "3", "--mixed_precision", "no", "--prompts_file", str(prompts),
-                 "--lora", str(result.lora_dir), "-o", str(tmp_path / "out"), "--batch_size", "1"])
+                 "--lora", str(result.output_dir), "-o", str(tmp_path / "out"), "--batch_size", "1"])
     assert code == 0
     document = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert [s["prompt"] for s in document["samples"]] == ["a red fox", "a blue bird"]
@@ -129,19 +129,19 @@ def test_eval_errors_come_before_loading(trained, tmp_path, capsys, monkeypatch)
 
 def test_sample_writes_pngs_per_prompt_and_seed(trained, tmp_path):
     config, result, _, _ = trained
-    files = run_sample(config, ["a cat", "a dog"], out_dir=tmp_path / "s", lora=result.lora_dir, seed=7,
+    files = run_sample(config, ["a cat", "a dog"], out_dir=tmp_path / "s", lora=result.output_dir, seed=7,
                        num_per_prompt=2)
     assert [f.name for f in files] == ["000-a_cat-seed7.png", "000-a_cat-seed8.png", "001-a_dog-seed7.png",
                                        "001-a_dog-seed8.png"]
     records = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in records] == [("a cat", 7), ("a cat", 8), ("a dog", 7), ("a dog", 8)]
     # image j uses seed + j: re-making one image alone (other batch size) gives it again, up to float rounding
-    again = run_sample(config, ["a cat"], out_dir=tmp_path / "again", lora=result.lora_dir, seed=8, batch_size=1)
+    again = run_sample(config, ["a cat"], out_dir=tmp_path / "again", lora=result.output_dir, seed=8, batch_size=1)
     assert pixel_difference(again[0], files[1]) <= 1
     assert pixel_difference(again[0], files[0]) > 10  # another seed is another image
     base = run_sample(config, ["a cat"], out_dir=tmp_path / "base", seed=8)
     assert pixel_difference(base[0], files[1]) > 1  # the LoRA is applied
-    off = run_sample(config, ["a cat"], out_dir=tmp_path / "off", lora=result.lora_dir, lora_scale=0.0, seed=8)
+    off = run_sample(config, ["a cat"], out_dir=tmp_path / "off", lora=result.output_dir, lora_scale=0.0, seed=8)
     assert pixel_difference(off[0], base[0]) <= 1  # ... at the strength asked for
 
 
@@ -153,7 +153,7 @@ def test_sample_command_line(trained, tmp_path):
     prompts.write_text("a bird\n")
     code = main(["sample", "--pretrained_model", config.pretrained_model, "--sample_num_steps", "2",
                  "--mixed_precision", "no", "--prompt", "a cat", "--prompt", "a dog", "--prompts_file", str(prompts),
-                 "--seed", "3", "--lora", str(result.lora_dir), "--lora_scale", "0.5", "-o", str(tmp_path / "out")])
+                 "--seed", "3", "--lora", str(result.output_dir), "--lora_scale", "0.5", "-o", str(tmp_path / "out")])
     assert code == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         "000-a_cat-seed3.png", "001-a_dog-seed3.png", "002-a_bird-seed3.png"]
@@ -268,7 +268,7 @@ def test_eval_and_sample_create_no_folder_when_loading_fails(trained, tmp_path, 
 
     monkeypatch.setattr(evaluate, "load_inference_pipeline", fail)
     with pytest.raises(ConfigError, match="cannot load"):
-        run_eval(config, [result.lora_dir], out_dir=tmp_path / "report" / "deep")
+        run_eval(config, [result.output_dir], out_dir=tmp_path / "report" / "deep")
     with pytest.raises(ConfigError, match="cannot load"):
         run_sample(config, ["a cat"], out_dir=tmp_path / "samples")
     assert list(tmp_path.iterdir()) == []
@@ -289,7 +289,7 @@ def test_prompts_files_with_a_byte_order_mark_or_bad_records(tmp_path):
 
 def test_sample_and_eval_replace_earlier_outputs_only_when_asked(trained, tmp_path):
     config, result, _, _ = trained
-    first = run_sample(config, ["a cat"], out_dir=tmp_path / "s", lora=result.lora_dir)
+    first = run_sample(config, ["a cat"], out_dir=tmp_path / "s", lora=result.output_dir)
     with_lora = first[0].read_bytes()
     with pytest.raises(ConfigError, match="already holds 000-a_cat-seed0.png from an earlier run"):
         run_sample(config, ["a cat"], out_dir=tmp_path / "s")

@@ -138,7 +138,7 @@ def test_exported_lora_loads_into_a_fresh_sdxl_pipeline_and_reproduces_the_train
     trainer = AlignPropTrainer(sdxl_config(num_epochs=3, train_learning_rate=5e-2, lora_rank=4, lora_alpha=8,
                                            scheduler="euler"))
     result = trainer.train()
-    file = result.lora_dir / LORA_WEIGHTS_NAME
+    file = result.output_dir / LORA_WEIGHTS_NAME
     with safe_open(str(file), "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
     assert keys and all(k.startswith("unet.") for k in keys)
@@ -150,7 +150,7 @@ def test_exported_lora_loads_into_a_fresh_sdxl_pipeline_and_reproduces_the_train
         return pipe(["a cat"], generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
 
     base = sample(pipe, 0, num_inference_steps=4)
-    pipe.load_lora_weights(str(result.lora_dir))
+    pipe.load_lora_weights(str(result.output_dir))
     tuned = sample(pipe, 0, num_inference_steps=4)
     assert (tuned - base).abs().max() > 1e-4
     # diffusers' own SDXL loop with the same scheduler, seed, eta and guidance reproduces the trainer's sampler

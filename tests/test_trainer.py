@@ -55,8 +55,8 @@ def test_exported_lora_loads_into_a_fresh_pipeline_and_changes_its_output(tiny_c
     # alpha != rank: the scale alpha/rank must travel with the file
     trainer = AlignPropTrainer(tiny_config(num_epochs=3, train_learning_rate=5e-2, lora_rank=4, lora_alpha=8))
     result = trainer.train()
-    assert (result.lora_dir / LORA_WEIGHTS_NAME).is_file()
-    keys = load_file(result.lora_dir / LORA_WEIGHTS_NAME).keys()
+    assert (result.output_dir / LORA_WEIGHTS_NAME).is_file()
+    keys = load_file(result.output_dir / LORA_WEIGHTS_NAME).keys()
     assert all(k.startswith("unet.") and ("lora.down" in k or "lora.up" in k or "lora_A" in k or "lora_B" in k)
                for k in keys)
 
@@ -67,7 +67,7 @@ def test_exported_lora_loads_into_a_fresh_pipeline_and_changes_its_output(tiny_c
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     base = sample(pipe)
-    pipe.load_lora_weights(str(result.lora_dir))
+    pipe.load_lora_weights(str(result.output_dir))
     tuned = sample(pipe)
     assert (tuned - base).abs().max() > 1e-4
     # The loaded LoRA is the one the trainer holds: diffusers' own sampling loop with the same seed, eta and

@@ -28,7 +28,7 @@ def test_warmth_scores_and_gradient():
 def test_selected_by_name_in_a_config_and_trained(tiny_config):
     trainer = AlignPropTrainer(tiny_config(rewards=[{"name": "warmth", "weight": 1.0, "options": {"target": 0.2}}]))
     result = trainer.train()
-    assert (result.lora_dir / "pytorch_lora_weights.safetensors").is_file()
+    assert (result.output_dir / "pytorch_lora_weights.safetensors").is_file()
     assert "reward/warmth_mean" in result.history[-1]
 
 
