@@ -361,10 +361,6 @@ def quiet_library_progress() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    # Idle OpenMP threads sleep instead of spinning (read when torch loads, so set before any heavy import): with
-    # spinning threads, tiny-model steps ran 10-100x slower whenever other processes used the cores (see
-    # docs/configuration.md#cpu-threads). A value in the environment wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     if not args.verbose:
         quiet_library_progress()
