@@ -14,13 +14,16 @@ from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import AlignPropError, ConfigError
 
 
-def make_accelerator(config: AlignPropConfig):
-    """accelerate's Accelerator for this config: project folder = output_dir, tracker logs in
-    ``tracker_logging_dir``; TRL's ProjectConfiguration keys already mapped by ``config.validate()``."""
+def make_accelerator(config: AlignPropConfig, family: Any):
+    """accelerate's Accelerator for this config and model family (``mixed_precision: auto`` is the family's
+    default on a GPU, fp32 on CPU): project folder = output_dir, tracker logs in ``tracker_logging_dir``; TRL's
+    ProjectConfiguration keys already mapped by ``config.validate()``."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    mixed_precision = config.mixed_precision
+    from alignprop_core.pipelines import resolve_mixed_precision
+
+    mixed_precision = resolve_mixed_precision(config.mixed_precision, family)
     if mixed_precision == "fp16" and not torch.cuda.is_available():
         print("note: mixed_precision=fp16 needs a GPU; training in fp32 on this machine", file=sys.stderr)
         mixed_precision = "no"
@@ -84,12 +87,13 @@ def make_optimizer(params: list[torch.nn.Parameter], config: AlignPropConfig) ->
 
 
 def upload_run(output_dir: Any, repo_id: str) -> None:
-    """Upload a run's export (LoRA or ``unet/``) and config to hub repo ``repo_id`` (created when missing)."""
+    """Upload a run's export (LoRA, or ``unet/`` / ``transformer/``) and config to hub repo ``repo_id`` (created when
+    missing)."""
     from huggingface_hub import create_repo, upload_folder
 
     from alignprop_core.checkpoints import CONFIG_NAME
-    from alignprop_core.lora import LORA_WEIGHTS_NAME, UNET_DIR
+    from alignprop_core.lora import DENOISER_DIRS, LORA_WEIGHTS_NAME
 
     create_repo(repo_id, exist_ok=True)
     upload_folder(repo_id=repo_id, folder_path=str(output_dir),
-                  allow_patterns=[LORA_WEIGHTS_NAME, f"{UNET_DIR}/*", CONFIG_NAME])
+                  allow_patterns=[LORA_WEIGHTS_NAME, *(f"{name}/*" for name in DENOISER_DIRS), CONFIG_NAME])

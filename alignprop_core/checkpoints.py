@@ -115,7 +115,7 @@ def find_resume_dir(resume_from: str, output_dir: str | os.PathLike) -> Optional
     if not path.is_dir():
         raise ConfigError(f"resume_from: '{resume_from}' is a file, not a folder; give a checkpoint folder or "
                           "'latest'")
-    weights = (LORA_WEIGHTS_NAME, "unet")
+    weights = (LORA_WEIGHTS_NAME, "unet", "transformer")  # a LoRA, or a fully fine-tuned denoiser
     missing = [n for n in (TRAINER_STATE_NAME,) if not (path / n).is_file()]
     if not any((path / n).exists() for n in weights):
         missing.append(LORA_WEIGHTS_NAME)

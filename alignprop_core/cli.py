@@ -62,8 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"LoRA written to {result.output_dir}/pytorch_lora_weights.safetensors; load it with "
               f"{type(trainer.pipe).__name__}.load_lora_weights('{result.output_dir}')")
     else:
-        print(f"UNet written to {result.output_dir}/unet; load it with "
-              f"UNet2DConditionModel.from_pretrained('{result.output_dir}', subfolder='unet')")
+        denoiser = trainer.family.denoiser(trainer.pipe)
+        name = trainer.family.denoiser_name
+        print(f"{trainer.family.denoiser_label} written to {result.output_dir}/{name}; load it with "
+              f"{type(denoiser).__name__}.from_pretrained('{result.output_dir}', subfolder='{name}')")
     return 0
 
 

@@ -16,11 +16,11 @@ from typing import Any, Optional
 
 import yaml
 
-from alignprop_core.config_files import preset_names, read_config_file, read_preset  # noqa: F401 (public names)
+from alignprop_core.config_files import coerce_text, preset_names, read_config_file, read_preset  # noqa: F401 (public names)
 from alignprop_core.errors import ConfigError
 from alignprop_core.hints import did_you_mean
 from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, check_scheduler_name, default_output_dir
-from alignprop_core.specs import PluginSpec, RewardSpec, as_list, as_plugin_spec, as_rewards, parse_reward_shorthand
+from alignprop_core.specs import PluginSpec, RewardSpec, as_list, as_plugin_spec, as_rewards
 from alignprop_core.trl_fields import (
     TRL_TRUNCATION_FIELDS,
     apply_project_kwargs,
@@ -38,7 +38,7 @@ from alignprop_core.validation import (
     type_name,
 )
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRUNCATIONS = ("fixed", "uniform", "gaussian", "none", "draft_lv")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
 #: Section of the CLI help and the docs' field table, by the first field of each section (in declaration order).
@@ -61,8 +61,8 @@ class AlignPropConfig:
     # --- model and data
     pretrained_model: str = _f(
         DEFAULT_MODEL,
-        "diffusers pipeline: a hub id or a local folder ('alignprop:tiny-sd' / 'alignprop:tiny-sdxl' = tiny "
-        "random-weight offline models)")
+        "diffusers pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1): a hub id or a local folder ('alignprop:tiny-sd', "
+        "-sdxl, -sd3, -flux = tiny random-weight offline models)")
     pretrained_revision: str = _f("main", "hub revision of pretrained_model")
     rewards: list[RewardSpec] = _f(
         help="rewards to maximise, weighted sum: list of {name, weight, options}, or 'name:weight,name2:weight2'",
@@ -76,9 +76,14 @@ class AlignPropConfig:
     width: Optional[int] = _f(None, "image width in pixels, overrides resolution (multiple of the VAE factor)")
     # --- sampling
     sample_num_steps: int = _f(50, "denoising steps per sample (>= 1)")
-    scheduler: str = _f("ddim", "sampler, built from the model's scheduler config: " + ", ".join(SCHEDULERS))
-    sample_eta: float = _f(1.0, "DDIM eta in [0, 1] (0 = deterministic); used by scheduler=ddim only")
-    sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance)")
+    scheduler: str = _f("auto", "sampler, built from the model's scheduler config: auto (ddim for SD/SDXL, "
+                        "flow_euler for SD3/FLUX) or " + ", ".join(SCHEDULERS))
+    sample_eta: float = _f(1.0, "noise in [0, 1] (0 = deterministic): DDIM's eta (ddim), the SDE's noise level "
+                           "(flow_sde); unused by the other schedulers")
+    sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance); FLUX: the "
+                                      "embedded guidance of guidance-distilled models (FLUX.1-dev: 3.5)")
+    true_cfg_scale: float = _f(1.0, "FLUX only: true classifier-free guidance with negative_prompts (a second "
+                               "transformer pass per step) when > 1")
     truncation: str = _f("uniform", "truncated backprop: fixed (last truncation_k steps), uniform (K ~ U[min, max]), "
                          "gaussian (K ~ N(mean, std) clipped), none (all steps), draft_lv (K = 1 with draft_lv_n "
                          "re-noised copies of the last step); K drawn once per batch")
@@ -91,7 +96,12 @@ class AlignPropConfig:
                                "[1, steps]")
     draft_lv_n: int = _f(2, "truncation=draft_lv: re-noised copies of the last step whose reward gradients are "
                          "averaged (>= 1)")
-    gradient_checkpointing: bool = _f(True, "recompute each UNet call in backward instead of storing activations")
+    gradient_checkpointing: bool = _f(True, "recompute each denoiser call in backward instead of storing its "
+                                      "activations")
+    block_checkpointing: bool = _f(False, "also checkpoint each block inside the denoiser (less memory for one "
+                                   "call's backward: large transformers at 1024 px), ~1 more forward per grad call")
+    vae_checkpointing: bool = _f(False, "recompute the VAE decode in backward instead of storing its activations "
+                                 "(where memory peaks at 1024 px)")
     truncated_backprop_rand: Optional[bool] = _f(None, "TRL's spelling (translated to truncation*): true = uniform "
                                                  "K, false = fixed K; see docs/trl-migration.md")
     truncated_backprop_timestep: Optional[int] = _f(None, "TRL's spelling: with truncated_backprop_rand false, the "
@@ -113,8 +123,9 @@ class AlignPropConfig:
     train_max_grad_norm: float = _f(1.0, "clip the LoRA gradient norm to this value (> 0)")
     max_nonfinite_steps: int = _f(5, "stop after this many optimizer steps in a row with NaN/inf rewards or loss "
                                   "(each such step is skipped; the last good LoRA is kept)")
-    mixed_precision: Optional[str] = _f("fp16", "no, fp16 or bf16 (frozen weights in that dtype, trained weights "
-                                        "in fp32; fp16 falls back to 'no' on CPU); None or 'none' = 'no'")
+    mixed_precision: Optional[str] = _f("auto", "auto (on a GPU fp16 for SD/SDXL, bf16 for SD3/FLUX; fp32 on CPU), "
+                                        "no, fp16 or bf16 (frozen weights in that dtype, trained weights in fp32; "
+                                        "fp16 falls back to 'no' on CPU); None or 'none' = 'no'")
     allow_tf32: bool = _f(True, "allow TF32 matmuls on Ampere+ GPUs")
     seed: int = _f(0, "random seed (prompts, noise, truncation draws), in [0, 2**32 - 1]")
     num_threads: Optional[int] = _f(None, "CPU threads for torch (None: torch's default; see "
@@ -123,12 +134,13 @@ class AlignPropConfig:
                         "weights, exported as a diffusers UNet in output_dir/unet; needs far more memory)")
     lora_rank: int = _f(4, "LoRA rank (>= 1)")
     lora_alpha: float = _f(4.0, "LoRA alpha (> 0); the update is scaled by alpha / rank")
-    lora_target_modules: list[str] = _f(help="UNet modules that get LoRA adapters",
-                                        factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_target_modules: list[str] = _f(help="denoiser modules that get LoRA adapters (empty: the family's own: "
+                                        "to_q,to_k,to_v,to_out.0; SD3/FLUX add add_q_proj,add_k_proj,add_v_proj,"
+                                        "to_add_out)", factory=list)
     # --- output, checkpoints, logging
     output_dir: Optional[str] = _f(None, "where checkpoints, logs and the final LoRA are written (default: "
-                                   "alignprop-output; alignprop-tiny-sd-output / alignprop-tiny-sdxl-output for the "
-                                   "tiny models)")
+                                   "alignprop-output; alignprop-tiny-sd-output, alignprop-tiny-flux-output, ... for "
+                                   "the tiny models)")
     save_freq: int = _f(1, "save a checkpoint every this many optimizer steps")
     num_checkpoint_limit: int = _f(5, "keep at most this many checkpoints (oldest pruned)")
     resume_from: str = _f("", "resume from a checkpoint folder, or 'latest' in output_dir/checkpoints")
@@ -259,6 +271,7 @@ class AlignPropConfig:
         require(steps >= 1, "sample_num_steps", steps, "an integer >= 1")
         require(0.0 <= self.sample_eta <= 1.0, "sample_eta", self.sample_eta, "a number in [0, 1]")
         require(self.sample_guidance_scale >= 0, "sample_guidance_scale", self.sample_guidance_scale, ">= 0")
+        require(self.true_cfg_scale >= 0, "true_cfg_scale", self.true_cfg_scale, ">= 0")
         require(self.truncation in TRUNCATIONS, "truncation", self.truncation, "one of " + ", ".join(TRUNCATIONS))
         check_scheduler_name(self.scheduler)
         require(self.draft_lv_n >= 1, "draft_lv_n", self.draft_lv_n, "an integer >= 1")
@@ -295,9 +308,8 @@ class AlignPropConfig:
             value = getattr(self, name)
             require(value is None or (8 <= value <= MAX_IMAGE_SIZE and value % 8 == 0), name, value,
                      f"empty or a positive multiple of 8 (the VAE downsampling factor), at most {MAX_IMAGE_SIZE}")
-        require(bool(self.lora_target_modules) and all(isinstance(m, str) and m for m in self.lora_target_modules),
-                 "lora_target_modules", self.lora_target_modules,
-                 "a non-empty list of module names, e.g. to_q,to_k,to_v,to_out.0")
+        require(all(isinstance(m, str) and m for m in self.lora_target_modules), "lora_target_modules",
+                 self.lora_target_modules, "empty (the family's default) or a list of module names, e.g. to_q,to_v")
         require(bool(self.pretrained_model.strip()), "pretrained_model", self.pretrained_model,
                  "a hub id or a folder")
         require(not _looks_like_hub_id(self.pretrained_model) or is_hub_id(self.pretrained_model),
@@ -375,44 +387,7 @@ def field_docs() -> list[tuple[str, str, Any, str, str]]:
 
 def coerce(name: str, value: Any) -> Any:
     """Turn a command-line string (or YAML value) into the type of field ``name``."""
-    kind = field_type(name)
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if kind.startswith("Optional") and text.lower() in ("", "none", "null") and (text or name != "output_dir"):
-        return None  # but an empty output_dir stays empty (validate() refuses it): it would mean the default folder
-    base = kind.removeprefix("Optional[").removesuffix("]")
-    try:
-        if base == "bool":
-            lowered = text.lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if base == "int":
-            return int(text)
-        if base == "float":
-            return float(text)
-    except ValueError:
-        raise ConfigError(f"{name}: expected {base}, got '{value}'") from None
-    if base == "str":
-        return value
-    if name == "rewards" and not text.startswith(("[", "{", "-")):
-        return [parse_reward_shorthand(item) for item in text.split(",") if item.strip()]
-    if name in ("image_loggers", "lora_target_modules") and not text.startswith(("[", "{", "-")):
-        return [item.strip() for item in text.split(",") if item.strip()]
-    if name == "truncated_rand_backprop_minmax" and not text.startswith("["):
-        try:
-            return [int(item) for item in text.replace(",", " ").split()]
-        except ValueError:
-            raise ConfigError(f"{name}: expected two integers 'a,b', got '{value}'") from None
-    if name == "prompts" and not text.startswith(("[", "{")):
-        return text
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise ConfigError(f"{name}: could not parse '{value}' as YAML") from None
+    return coerce_text(name, field_type(name), value)
 
 
 def _script_name() -> str:

@@ -12,6 +12,7 @@ import yaml
 from alignprop_core.errors import ConfigError, first_line
 from alignprop_core.hints import did_you_mean
 from alignprop_core.paths import read_text
+from alignprop_core.specs import parse_reward_shorthand
 
 
 def preset_names() -> list[str]:
@@ -56,3 +57,45 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of field: value")
     return data
+
+
+def coerce_text(name: str, kind: str, value: Any) -> Any:
+    """Turn a command-line string (or YAML value) of config field ``name`` into its declared type ``kind`` (as
+    written in the class, e.g. ``Optional[int]``); non-strings pass through."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if kind.startswith("Optional") and text.lower() in ("", "none", "null") and (text or name != "output_dir"):
+        return None  # but an empty output_dir stays empty (validate() refuses it): it would mean the default folder
+    base = kind.removeprefix("Optional[").removesuffix("]")
+    try:
+        if base == "bool":
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if base == "int":
+            return int(text)
+        if base == "float":
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {base}, got '{value}'") from None
+    if base == "str":
+        return value
+    if name == "rewards" and not text.startswith(("[", "{", "-")):
+        return [parse_reward_shorthand(item) for item in text.split(",") if item.strip()]
+    if name in ("image_loggers", "lora_target_modules") and not text.startswith(("[", "{", "-")):
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if name == "truncated_rand_backprop_minmax" and not text.startswith("["):
+        try:
+            return [int(item) for item in text.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"{name}: expected two integers 'a,b', got '{value}'") from None
+    if name == "prompts" and not text.startswith(("[", "{")):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{name}: could not parse '{value}' as YAML") from None

@@ -27,7 +27,7 @@ from alignprop_core.image_loggers import slug, to_pil
 from alignprop_core.lora import LORA_WEIGHTS_NAME
 from alignprop_core.pages import eval_html, format_table, image_grid
 from alignprop_core.paths import check_output_dir
-from alignprop_core.pipelines import image_size, inference_setup, load_inference_pipeline  # noqa: F401
+from alignprop_core.pipelines import image_size, inference_device, load_inference_pipeline  # noqa: F401
 from alignprop_core.reward_set import RewardSet
 from alignprop_core.sampler import sample_prompts
 from alignprop_core.seeding import draw_prompts, eval_seeds
@@ -252,9 +252,9 @@ def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *
 
     resolve_model_path(config.pretrained_model)
 
-    device, dtype = inference_setup(config)
+    device = inference_device()
     score_fn = reward_scorer(config, device)
-    pipe = load_inference_pipeline(config, device, dtype)
+    pipe, dtype = load_inference_pipeline(config)
     height, width = image_size(config, pipe)
     labels = model_labels(lora_dirs, include_base)
     sources: list[Optional[Path]] = ([None] if include_base else []) + lora_dirs
@@ -365,8 +365,8 @@ def run_sample(config: AlignPropConfig, prompts: Sequence[str], *, out_dir: str 
     from alignprop_core.pipelines import resolve_model_path
 
     resolve_model_path(config.pretrained_model)
-    device, dtype = inference_setup(config)
-    pipe = load_inference_pipeline(config, device, dtype)
+    device = inference_device()
+    pipe, dtype = load_inference_pipeline(config)
     height, width = image_size(config, pipe)
     out = _writable_dir(out_dir)  # created only once the model has loaded
     batch_size = batch_size or config.train_batch_size

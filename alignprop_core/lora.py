@@ -30,8 +30,9 @@ def add_lora(unet: torch.nn.Module, rank: int, alpha: float, target_modules: lis
     try:
         unet.add_adapter(config)
     except ValueError as exc:
-        raise ConfigError(f"lora_target_modules: {list(target_modules)} matched no UNet module ({exc}); "
-                          "use attention projections such as to_q,to_k,to_v,to_out.0") from None
+        raise ConfigError(f"lora_target_modules: {list(target_modules)} matched no module of the denoiser ({exc}); "
+                          "use attention projections such as to_q,to_k,to_v,to_out.0, or leave it empty for the "
+                          "family's default") from None
     from diffusers.training_utils import cast_training_params
 
     cast_training_params(unet, dtype=torch.float32)  # trainable parameters stay fp32 whatever the compute dtype
@@ -49,20 +50,23 @@ def load_lora(unet: torch.nn.Module, directory: str | os.PathLike, family: Optio
     family_named(family).load_lora(unet, directory)
 
 
-#: Where full fine-tuning (``use_lora: false``) writes the UNet in checkpoints and in the export.
+#: Where full fine-tuning (``use_lora: false``) of a UNet writes it in checkpoints and in the export; a transformer
+#: goes to ``transformer/`` (the folder is the family's ``denoiser_name``, as in a pipeline folder).
 UNET_DIR = "unet"
+DENOISER_DIRS = ("unet", "transformer")
 
 
-def save_full_unet(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
-    """Write the whole UNet as a diffusers model folder ``directory/unet`` (safetensors, ``from_pretrained``)."""
-    unet.save_pretrained(Path(directory) / UNET_DIR, safe_serialization=True)
+def save_full_unet(unet: torch.nn.Module, directory: str | os.PathLike, subfolder: str = UNET_DIR) -> None:
+    """Write the whole denoiser as a diffusers model folder ``directory/<subfolder>`` (safetensors,
+    ``from_pretrained``)."""
+    unet.save_pretrained(Path(directory) / subfolder, safe_serialization=True)
 
 
-def load_full_unet(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
+def load_full_unet(unet: torch.nn.Module, directory: str | os.PathLike, subfolder: str = UNET_DIR) -> None:
     """Load the weights saved by :func:`save_full_unet` into ``unet`` (same architecture)."""
     from safetensors.torch import load_file
 
-    folder = Path(directory) / UNET_DIR
+    folder = Path(directory) / subfolder
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"'{folder}' holds no safetensors weights; pick another checkpoint")
@@ -72,8 +76,9 @@ def load_full_unet(unet: torch.nn.Module, directory: str | os.PathLike) -> None:
     missing, unexpected = unet.load_state_dict(state, strict=False)
     if missing or unexpected:
         key = (missing or unexpected)[0]
-        raise ConfigError(f"the UNet in '{folder}' does not fit this model ({'missing' if missing else 'unexpected'} "
-                          f"weight {key}); resume with the same pretrained_model")
+        raise ConfigError(f"the {subfolder} in '{folder}' does not fit this model "
+                          f"({'missing' if missing else 'unexpected'} weight {key}); resume with the same "
+                          "pretrained_model")
 
 
 class TrainedWeights:
@@ -85,7 +90,7 @@ class TrainedWeights:
 
     @property
     def export_name(self) -> str:
-        return LORA_WEIGHTS_NAME if self.use_lora else UNET_DIR
+        return LORA_WEIGHTS_NAME if self.use_lora else self.family.denoiser_name
 
     def attach(self, denoiser: torch.nn.Module, config: Any) -> list[torch.nn.Parameter]:
         """Make the weights trainable (add the LoRA, or unfreeze every weight as fp32 master weights; autocast
@@ -96,7 +101,13 @@ class TrainedWeights:
         return list(denoiser.parameters())
 
     def save(self, denoiser: torch.nn.Module, folder: Path) -> None:
-        save_lora(denoiser, folder, self.family) if self.use_lora else save_full_unet(denoiser, folder)
+        if self.use_lora:
+            save_lora(denoiser, folder, self.family)
+        else:
+            save_full_unet(denoiser, folder, self.family.denoiser_name)
 
     def load(self, denoiser: torch.nn.Module, folder: Path) -> None:
-        load_lora(denoiser, folder, self.family) if self.use_lora else load_full_unet(denoiser, folder)
+        if self.use_lora:
+            load_lora(denoiser, folder, self.family)
+        else:
+            load_full_unet(denoiser, folder, self.family.denoiser_name)

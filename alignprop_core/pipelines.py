@@ -178,18 +178,31 @@ def compute_dtype(mixed_precision: str) -> Any:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-def inference_setup(config: Any) -> tuple[Any, Any]:
-    """Device (the GPU when there is one) and the frozen weights' dtype (``mixed_precision``; fp32 on CPU)."""
+def resolve_mixed_precision(mixed_precision: str, family: Any) -> str:
+    """``auto`` -> the family's default on a GPU (fp16 for SD/SDXL, bf16 for SD3/FLUX), ``no`` on CPU; any other
+    value as given."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.device("cuda"), compute_dtype(config.mixed_precision)
-    return torch.device("cpu"), torch.float32
+    if mixed_precision != "auto":
+        return mixed_precision
+    return family.default_mixed_precision if torch.cuda.is_available() else "no"
 
 
-def load_inference_pipeline(config: Any, device: Any, dtype: Any):
-    """The config's pipeline set up as the trainer sets it up: prepared by its family (its ``scheduler``, frozen, on
-    ``device`` in ``dtype``)."""
+def inference_device() -> Any:
+    """Where eval and sample run: the GPU when there is one."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_inference_pipeline(config: Any) -> tuple[Any, Any]:
+    """``(pipe, dtype)``: the config's pipeline set up as the trainer sets it up, prepared by its family (its
+    ``scheduler``, frozen, on :func:`inference_device`, in the ``mixed_precision`` dtype on a GPU, fp32 on CPU)."""
+    import torch
+
     pipe = load_pipeline(resolve_model_path(config.pretrained_model), config.pretrained_revision)
+    device = inference_device()
+    dtype = (compute_dtype(resolve_mixed_precision(config.mixed_precision, family_of(pipe))) if device.type == "cuda"
+             else torch.float32)
     prepare_pipeline(pipe, config.scheduler, device, dtype)
-    return pipe
+    return pipe, dtype

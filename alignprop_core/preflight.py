@@ -10,7 +10,9 @@ from alignprop_core import checkpoints, plugins
 from alignprop_core.accelerator_setup import check_hub_reachable
 from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import ConfigError
+from alignprop_core.families import family_for_class_name
 from alignprop_core.image_loggers import require_package
+from alignprop_core.models import pipeline_class_name
 from alignprop_core.pipelines import resolve_model_path
 
 
@@ -26,6 +28,8 @@ def preflight(config: AlignPropConfig, rewards_from_config: bool, prompts_from_c
     for spec in config.image_loggers:
         plugins.get("image logger", spec.name)
     model_path = resolve_model_path(config.pretrained_model) if load_model else None
+    if model_path is not None and Path(model_path).is_dir():  # a hub model's family is known once its config loads
+        family_for_class_name(pipeline_class_name(Path(model_path)), model_path).scheduler_name(config.scheduler)
     resume_dir = checkpoints.find_resume_dir(config.resume_from, config.output_dir)
     checkpoints.check_output_dir(config.output_dir, resume_dir is not None, config.overwrite_output_dir)
     check_tracking(config)

@@ -38,10 +38,11 @@ def draw_truncation_k(config: "AlignPropConfig", rng: random.Random) -> int:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
-                   device: torch.device) -> PromptEmbeddings:
+                   device: torch.device, true_cfg_scale: float = 1.0) -> PromptEmbeddings:
     """Frozen text encoding through the pipeline's own ``encode_prompt``, as its family does it; the ``negative*``
-    fields are None when guidance is off (``guidance_scale <= 1``)."""
-    return family_of(pipe).encode_prompts(pipe, prompts, negative_prompt, guidance_scale, device)
+    fields are None when there is no negative pass (``guidance_scale <= 1``; FLUX: ``true_cfg_scale <= 1`` or no
+    negative prompt)."""
+    return family_of(pipe).encode_prompts(pipe, prompts, negative_prompt, guidance_scale, device, true_cfg_scale)
 
 
 def sample_images(
@@ -58,6 +59,7 @@ def sample_images(
     gradient_checkpointing: bool = True,
     unet: Optional[torch.nn.Module] = None,
     draft_lv_n: int = 0,
+    vae_checkpointing: bool = False,
 ) -> torch.Tensor:
     """Run the denoising chain with ``pipe.scheduler`` and decode; returns float images ``[B, 3, height, width]``
     in ``[0, 1]`` (``[draft_lv_n * B, ...]`` with DRaFT-LV under grad: draw-major, each draw the whole batch).
@@ -69,7 +71,8 @@ def sample_images(
     level and repeats that last step on each with gradients (see :func:`_draft_lv_last_step`). ``unet`` (the
     denoiser) defaults to the family's (``pipe.unet``); pass the accelerate-prepared (DDP-wrapped) one when
     training so that gradients are synchronised across processes. With ``gradient_checkpointing`` each denoiser
-    call under grad stores only its inputs and is recomputed during backward.
+    call under grad stores only its inputs and is recomputed during backward; with ``vae_checkpointing`` the decode
+    too.
     """
     family = family_of(pipe)
     evaluate = _evaluator(family, unet if unet is not None else family.denoiser(pipe), gradient_checkpointing)
@@ -99,6 +102,8 @@ def sample_images(
         latents = _draft_lv_last_step(pipe, family, evaluate, before_last, latents, timesteps[-1], embeddings,
                                       draft_lv_n, height, width, guidance_scale, step_kwargs, generator)
     with torch.set_grad_enabled(grad and (grad_steps > 0 or lv)):
+        if vae_checkpointing and torch.is_grad_enabled():
+            return checkpoint(family.decode, pipe, latents, use_reentrant=False)
         return family.decode(pipe, latents)
 
 
@@ -158,8 +163,10 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
                    grad_steps: int = 0, unet: Optional[torch.nn.Module] = None, draft_lv_n: int = 0) -> torch.Tensor:
     """Encode ``prompts`` (with the config's negative prompt and guidance) and sample them with the config's sampling
     settings: the one encode-then-sample path of training, eval, sample and the trainer's ``generate``."""
-    embeddings = encode_prompts(pipe, prompts, config.negative_prompts, config.sample_guidance_scale, device)
+    embeddings = encode_prompts(pipe, prompts, config.negative_prompts, config.sample_guidance_scale, device,
+                                config.true_cfg_scale)
     return sample_images(pipe, embeddings, num_steps=config.sample_num_steps,
                          guidance_scale=config.sample_guidance_scale, eta=config.sample_eta, height=height, width=width,
                          grad_steps=grad_steps, generator=generator, unet=unet, draft_lv_n=draft_lv_n,
-                         gradient_checkpointing=config.gradient_checkpointing)
+                         gradient_checkpointing=config.gradient_checkpointing,
+                         vae_checkpointing=config.vae_checkpointing)

@@ -103,7 +103,11 @@ class AlignPropTrainer(TRLTrainerMethods):
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
-        self.accelerator = accelerator = make_accelerator(config)
+        # The pipeline first (on the CPU): its family decides what mixed_precision "auto" means.
+        if pipe is None:
+            pipe = load_pipeline(model_path, config.pretrained_revision)
+        self.family = family_of(pipe)  # everything model-specific (alignprop_core.families)
+        self.accelerator = accelerator = make_accelerator(config, self.family)
         from accelerate.utils import set_seed
 
         set_seed(config.seed)  # global RNGs; the draws that matter are seeded per sample (derive_seed)
@@ -123,17 +127,18 @@ class AlignPropTrainer(TRLTrainerMethods):
         self._generate_calls = 0
 
         # The pipeline: frozen parts in the compute dtype; trained weights (LoRA, or the whole UNet) in fp32.
-        if pipe is None:
-            pipe = load_pipeline(model_path, config.pretrained_revision)
-        self.family = family_of(pipe)  # everything model-specific (alignprop_core.families)
         denoiser = self.family.denoiser(pipe)
         base_fingerprint = denoiser_fingerprint(denoiser)
         self.family.prepare(pipe, config.scheduler, accelerator.device, self.weight_dtype)
         self.pipe = pipe
         check_steps_fit_the_scheduler(config.sample_num_steps, pipe)
         self.height, self.width = image_size(config, pipe)
+        if not config.lora_target_modules:  # empty: the family's own
+            config.lora_target_modules = list(self.family.lora_target_modules)
         self.weights = TrainedWeights(self.family, self.use_lora)  # a LoRA, or the whole denoiser
         self.trainable_params = params = self.weights.attach(denoiser, config)
+        if config.block_checkpointing:  # diffusers' own per-block checkpointing, inside each recomputed call
+            denoiser.enable_gradient_checkpointing()
         base_name = str(getattr(pipe, "name_or_path", None) or config.pretrained_model)
         self.state = TrainerState(run=checkpoints.run_description(config, self.use_lora, base_name, base_fingerprint))
         optimizer = make_optimizer(params, config)

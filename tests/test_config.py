@@ -21,9 +21,32 @@ def test_defaults_are_valid_and_follow_trl():
     assert (config.num_epochs, config.sample_num_steps, config.sample_eta,
             config.sample_guidance_scale) == (100, 50, 1.0, 5.0)
     assert (config.train_learning_rate, config.train_adam_weight_decay, config.train_max_grad_norm) == (1e-3, 1e-4, 1.0)
-    assert (config.mixed_precision, config.save_freq, config.num_checkpoint_limit) == ("fp16", 1, 5)
+    assert (config.mixed_precision, config.save_freq, config.num_checkpoint_limit) == ("auto", 1, 5)
+    assert config.scheduler == "auto" and config.lora_target_modules == []  # the family's own, below
     assert (config.lora_rank, config.lora_alpha, config.gradient_checkpointing) == (4, 4.0, True)
     assert config.truncation_range == (1, 50)
+
+
+def test_auto_settings_are_the_families_own(monkeypatch):
+    """mixed_precision auto: TRL's fp16 for SD/SDXL on a GPU, bf16 for the flow transformers, fp32 on CPU;
+    scheduler auto: TRL's DDIM for SD/SDXL, flow Euler for SD3/FLUX; other values pass through or are refused."""
+    import torch
+
+    from alignprop_core.families import FLUX, SD, SD3, SDXL
+    from alignprop_core.pipelines import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [resolve_mixed_precision("auto", f) for f in (SD, SDXL, SD3, FLUX)] == ["fp16", "fp16", "bf16", "bf16"]
+    assert resolve_mixed_precision("fp16", FLUX) == "fp16" and resolve_mixed_precision("no", SD) == "no"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_mixed_precision("auto", FLUX) == "no"
+    assert [f.scheduler_name("auto") for f in (SD, SDXL, SD3, FLUX)] == ["ddim", "ddim", "flow_euler", "flow_euler"]
+    assert SD.scheduler_name("unipc") == "unipc" and FLUX.scheduler_name("flow_sde") == "flow_sde"
+    with pytest.raises(ConfigError, match="scheduler: 'ddim' does not fit a FLUX model; use auto or one of "
+                                          "flow_euler, flow_sde"):
+        FLUX.scheduler_name("ddim")
+    with pytest.raises(ConfigError, match="scheduler: 'flow_euler' does not fit a SD-1.x model"):
+        SD.scheduler_name("flow_euler")
 
 
 def test_yaml_file_and_overrides_round_trip(tmp_path):
@@ -86,11 +109,12 @@ INVALID = [
     ({"num_epochs": -1}, "num_epochs: got -1, allowed: an integer >= 1"),
     ({"train_learning_rate": 0.0}, "train_learning_rate: got 0.0, allowed: a finite number > 0"),
     ({"train_adam_beta1": 1.0}, "train_adam_beta1: got 1.0, allowed: a number in [0, 1)"),
-    ({"mixed_precision": "fp8"}, "mixed_precision: got 'fp8', allowed: one of no, fp16, bf16"),
+    ({"mixed_precision": "fp8"}, "mixed_precision: got 'fp8', allowed: one of auto, no, fp16, bf16"),
     ({"resolution": 100}, "resolution: got 100, allowed: empty or a positive multiple of 8"),
     ({"width": 0}, "width: got 0, allowed: empty or a positive multiple of 8"),
     ({"lora_rank": 0}, "lora_rank: got 0, allowed: an integer >= 1"),
-    ({"lora_target_modules": []}, "lora_target_modules: got [], allowed: a non-empty list"),
+    ({"lora_target_modules": ["to_q", ""]}, "lora_target_modules: got ['to_q', ''], allowed: empty (the family's"),
+    ({"true_cfg_scale": -2}, "true_cfg_scale: got -2, allowed: >= 0"),
     ({"rewards": []}, "rewards: got [], allowed: at least one"),
     ({"rewards": "saturation:-1,contrast:0.5"},
      "rewards: got 'weights summing to -0.5', allowed: weights whose sum is > 0"),

@@ -7,8 +7,9 @@ from alignprop_core import AlignPropConfig, AlignPropTrainer
 from alignprop_core.errors import ConfigError
 from alignprop_core.models import SCHEDULERS, make_scheduler
 from alignprop_core.sampler import encode_prompts, sample_images
+from alignprop_core.schedulers import FLOW_SCHEDULERS
 
-NAMES = list(SCHEDULERS)
+NAMES = [name for name in SCHEDULERS if name not in FLOW_SCHEDULERS]  # the SD family's; flow: test_flow_families
 STEPS = 4
 
 
@@ -115,7 +116,8 @@ def test_each_scheduler_trains_a_step(tiny_config, name):
 
 
 def test_unknown_scheduler_is_one_clear_error():
-    with pytest.raises(ConfigError, match=r"^scheduler: got 'heun', allowed: one of ddim, ddpm, dpm\+\+, .*unipc$"):
+    with pytest.raises(ConfigError, match=r"^scheduler: got 'heun', allowed: auto or one of ddim, ddpm, dpm\+\+, "
+                                          r".*unipc, flow_euler, flow_sde$"):
         AlignPropConfig(scheduler="heun").validate()
     with pytest.raises(ConfigError, match="scheduler: got 'lms'"):
         make_scheduler("lms", {})

@@ -64,13 +64,14 @@ def test_unsupported_pipeline_family_is_one_clear_error_before_loading(tiny_sdxl
 
     import alignprop_core.trainer as trainer_module
 
-    folder = tmp_path / "flux"
+    folder = tmp_path / "sana"
     shutil.copytree(tiny_sdxl_path, folder)
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "SanaPipeline"}))
     monkeypatch.setattr(trainer_module, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
-    with pytest.raises(ConfigError, match=r"^pretrained_model: '.*flux' is a FluxPipeline, which alignprop cannot "
-                       r"train; supported: StableDiffusionPipeline \(SD 1.x/2.x\), StableDiffusionXLPipeline"):
+    with pytest.raises(ConfigError, match=r"^pretrained_model: '.*sana' is a SanaPipeline, which alignprop cannot "
+                       r"train; supported: StableDiffusionPipeline \(SD 1.x/2.x\), StableDiffusionXLPipeline \(SDXL\), "
+                       r"StableDiffusion3Pipeline \(SD3, SD3.5\), FluxPipeline \(FLUX.1\)$"):
         AlignPropTrainer(sdxl_config(pretrained_model=str(folder)))
     with pytest.raises(AlignPropError, match="is a Module, which alignprop cannot train; supported:"):
         family_of(torch.nn.Module())

@@ -67,6 +67,12 @@ class Family:
     lora_target_modules: tuple[str, ...] = ()
     #: ``pretrained_model`` id of its tiny random-weight pipeline (None: no tiny pipeline)
     tiny_id: Optional[str] = None
+    #: the scheduler ``scheduler: auto`` means, and the kind of scheduler the denoiser needs ("noise": DDPM-style
+    #: noise/v prediction; "flow": flow-matching velocity; see :mod:`alignprop_core.schedulers`)
+    default_scheduler: str = "ddim"
+    scheduler_kind: str = "noise"
+    #: what ``mixed_precision: auto`` means on a GPU (fp32 on CPU)
+    default_mixed_precision: str = "fp16"
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
@@ -98,6 +104,19 @@ class Family:
         :data:`alignprop_core.schedulers.SCHEDULERS`), every model frozen, on ``device``, in ``dtype``."""
         raise NotImplementedError
 
+    def scheduler_name(self, scheduler: str) -> str:
+        """The config's ``scheduler`` for this family: ``auto`` -> its default; a one-line :class:`ConfigError` for
+        a scheduler of the other kind (a DDPM-style sampler on a flow-matching model, or the reverse)."""
+        from alignprop_core.schedulers import AUTO, SCHEDULERS, scheduler_kind
+
+        if scheduler == AUTO:
+            return self.default_scheduler
+        if scheduler_kind(scheduler) != self.scheduler_kind:
+            fitting = [name for name in SCHEDULERS if scheduler_kind(name) == self.scheduler_kind]
+            raise ConfigError(f"scheduler: {scheduler!r} does not fit a {self.label} model; use auto or one of "
+                              f"{', '.join(fitting)}")
+        return scheduler
+
     def denoiser(self, pipe: Any) -> Any:
         """The module that gets LoRA (or is fine-tuned): the UNet or transformer."""
         return getattr(pipe, self.denoiser_name)
@@ -113,8 +132,9 @@ class Family:
     # ------------------------------------------------------------------ sampling
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
-                       device: Any) -> PromptEmbeddings:
-        """Frozen text encoding (no graph) of one batch; ``negative`` set when ``guidance_scale > 1``."""
+                       device: Any, true_cfg_scale: float = 1.0) -> PromptEmbeddings:
+        """Frozen text encoding (no graph) of one batch; ``negative`` set when the family guides with a negative
+        pass (``guidance_scale > 1`` for CFG families; FLUX: ``true_cfg_scale > 1`` with a negative prompt)."""
         raise NotImplementedError
 
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:

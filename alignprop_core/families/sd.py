@@ -43,7 +43,7 @@ class StableDiffusionFamily(Family):
     def prepare(self, pipe: Any, scheduler: str, device: Any, dtype: Any) -> None:
         from alignprop_core.schedulers import make_scheduler
 
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(self.scheduler_name(scheduler), pipe.scheduler.config)
         for name in self.models:
             module = getattr(pipe, name, None)
             if module is None:
@@ -73,7 +73,7 @@ class StableDiffusionFamily(Family):
         return use_cfg, out
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
-                       device: Any) -> PromptEmbeddings:
+                       device: Any, true_cfg_scale: float = 1.0) -> PromptEmbeddings:
         use_cfg, (positive, negative_embeds) = self._encode(pipe, prompts, negative_prompt, guidance_scale, device)
         return PromptEmbeddings(positive, negative_embeds if use_cfg else None)
 

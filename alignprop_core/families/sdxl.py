@@ -53,7 +53,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return dtype
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
-                       device: Any) -> SDXLPromptEmbeddings:
+                       device: Any, true_cfg_scale: float = 1.0) -> SDXLPromptEmbeddings:
         """Both text encoders and the pooled embedding; with no negative prompt SDXL's zeroed negative conditioning,
         as in its pipeline."""
         use_cfg, out = self._encode(pipe, prompts, negative_prompt, guidance_scale, device)

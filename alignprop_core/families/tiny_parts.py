@@ -55,3 +55,31 @@ def tiny_vae(sample_size: int, **overrides: Any) -> Any:
         in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
         block_out_channels=(8, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=8 * sample_size, **overrides)
+
+
+def tiny_t5_tokenizer() -> Any:
+    """A byte-level ``T5TokenizerFast`` built without any file: a Unigram model over the 256 byte symbols (CLIP's
+    byte -> unicode map) plus ``<pad>``, ``</s>``, ``<unk>`` and ``▁``, with T5's Metaspace pre-tokenizer and an
+    ``</s>`` appended to every sequence; ``save_pretrained`` / ``from_pretrained`` round-trip it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    pieces = [(s, 0.0) for s in specials] + [("▁", -1.0)]
+    pieces += [(symbol, -2.0) for symbol in _bytes_to_unicode().values() if symbol != "▁"]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                           extra_ids=0, model_max_length=512)
+
+
+def tiny_t5_config(tokenizer: Any, d_model: int = 32) -> Any:
+    """``T5Config`` of the tiny T5 encoders: ``d_model`` wide, 2 layers, 4 heads of 8."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                    decoder_start_token_id=tokenizer.pad_token_id)

@@ -1,0 +1,91 @@
+"""What the flow-matching transformer families (SD3, FLUX) share: a transformer that predicts the velocity, the
+flow samplers of :mod:`alignprop_core.flow_schedulers` on the model's own sigmas, a VAE with a shift factor, and
+LoRA files in peft key format (what ``SD3LoraLoaderMixin`` / ``FluxLoraLoaderMixin`` write and read).
+
+Each family sets its sigmas (``set_timesteps``) as its pipeline's ``__call__`` does, so that sampling without grad
+equals the pipeline's own output.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from alignprop_core.errors import ConfigError
+from alignprop_core.families.base import Family
+
+
+class FlowMatchFamily(Family):
+    """Base of the flow-matching transformer families."""
+
+    denoiser_name = "transformer"
+    denoiser_label = "transformer"
+    default_scheduler = "flow_euler"
+    scheduler_kind = "flow"
+    default_mixed_precision = "bf16"  # fp16 overflows in T5 and in these transformers' activations
+    #: frozen models ``prepare`` moves (absent ones skipped)
+    models: tuple[str, ...] = ()
+
+    def prepare(self, pipe: Any, scheduler: str, device: Any, dtype: Any) -> None:
+        from alignprop_core.schedulers import make_scheduler
+
+        pipe.scheduler = make_scheduler(self.scheduler_name(scheduler), pipe.scheduler.config)
+        for name in self.models:
+            module = getattr(pipe, name, None)
+            if module is None:
+                continue
+            module.requires_grad_(False)
+            module.to(device)
+            if module.dtype != dtype:
+                module.to(dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+
+    def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
+        return {"generator": generator, "eta": eta}
+
+    def call_denoiser(self, denoiser: Any, sample: Any, t: Any, kwargs: dict[str, Any]) -> Any:
+        return denoiser(hidden_states=sample, timestep=t, **kwargs, return_dict=False)[0]
+
+    def decode(self, pipe: Any, latents: Any) -> Any:
+        """``latents / scaling_factor + shift_factor``, VAE decode in the VAE's dtype, as both pipelines do."""
+        import torch
+
+        vae = pipe.vae
+        scaled = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        decoded = decoded.to(torch.promote_types(decoded.dtype, torch.float32))  # fp32, or fp64 for a fp64 check
+        return (decoded / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ LoRA files (peft key names)
+
+    def save_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
+        from pathlib import Path
+
+        from peft.utils import get_peft_model_state_dict
+
+        from alignprop_core import lora_files
+
+        config = lora_files.sorted_sets(denoiser.peft_config["default"].to_dict())
+        self.save_lora_weights(directory, {self.denoiser_name: get_peft_model_state_dict(denoiser)},
+                               {self.denoiser_name: config})
+        lora_files.canonicalize_safetensors_header(Path(directory) / lora_files.LORA_WEIGHTS_NAME)
+
+    def load_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        state = self.lora_state_dict(directory)
+        state = state[0] if isinstance(state, tuple) else state
+        prefix = self.denoiser_name + "."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(denoiser, own, adapter_name="default")
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ConfigError(f"LoRA in '{directory}' does not fit this {self.denoiser_label} (unexpected keys "
+                              f"such as {unexpected[0]}); resume with the same lora_rank and lora_target_modules")
+
+
+def flow_sigmas(num_steps: int) -> Any:
+    """``linspace(1, 1/N, N)``: the sigmas FLUX's pipeline passes to its scheduler (shifted there)."""
+    import numpy as np
+
+    return np.linspace(1.0, 1 / num_steps, num_steps)

@@ -1,0 +1,289 @@
+"""SD3 and FLUX (flow-matching transformers) on their tiny pipelines: sampling equals the pipelines' own
+``__call__``, truncation, a float64 finite-difference check of the gradient, LoRA files that the pipelines' own
+``load_lora_weights`` reproduce, CLI runs and an exact resume."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from alignprop_core import AlignPropConfig, AlignPropTrainer
+from alignprop_core.cli import main
+from alignprop_core.families import FLUX, SD3, family_of
+from alignprop_core.lora import add_lora
+from alignprop_core.sampler import encode_prompts, sample_images
+
+PROMPTS = ["a cat", "a dog"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def flow_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flow")
+    return {family.name: family.build_tiny(root / family.name) for family in (SD3, FLUX)}
+
+
+def load(path, scheduler="auto", dtype=torch.float32):
+    pipe = DiffusionPipeline.from_pretrained(path, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    family_of(pipe).prepare(pipe, scheduler, CPU, dtype)
+    return pipe
+
+
+def with_lora(pipe, seed=0):
+    """A rank-4 LoRA on the family's default targets with every factor non-zero (so each gets a gradient)."""
+    family = family_of(pipe)
+    torch.manual_seed(seed)
+    params = add_lora(family.denoiser(pipe), 4, 4.0, list(family.lora_target_modules))
+    for p in params:
+        torch.nn.init.normal_(p, std=0.05)
+    return params
+
+
+def assert_every_lora_factor_has_a_gradient(pipe):
+    """Each LoRA factor got a non-zero gradient, except the context queries of a block whose context output is
+    dropped (SD3's last joint block is ``context_pre_only``: its ``add_q_proj`` cannot reach the image)."""
+    dropped = {f"{name}.attn.add_q_proj" for name, block in pipe.transformer.named_modules()
+               if getattr(block, "context_pre_only", False)}
+    for name, p in pipe.transformer.named_parameters():
+        if "lora_" in name:
+            unused = any(name.startswith(prefix + ".") for prefix in dropped)
+            assert (p.grad is not None and p.grad.abs().sum() > 0) != unused, name
+
+
+def ours(pipe, guidance, negative=None, true_cfg=1.0, steps=4, grad_steps=0, eta=1.0, height=64, width=48,
+         checkpointing=True, seed=0):
+    embeddings = encode_prompts(pipe, PROMPTS, negative, guidance, CPU, true_cfg)
+    return sample_images(pipe, embeddings, num_steps=steps, guidance_scale=guidance, eta=eta, height=height,
+                         width=width, grad_steps=grad_steps, generator=torch.Generator().manual_seed(seed),
+                         gradient_checkpointing=checkpointing)
+
+
+def theirs(pipe, guidance, negative=None, true_cfg=1.0, steps=4, height=64, width=48, seed=0):
+    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="pt",
+                  generator=torch.Generator().manual_seed(seed))
+    if negative:
+        kwargs["negative_prompt"] = [negative] * len(PROMPTS)
+    if family_of(pipe) is FLUX:
+        kwargs["true_cfg_scale"] = true_cfg
+    return pipe(PROMPTS, **kwargs).images
+
+
+# (family, guidance_scale, negative prompt, true_cfg_scale): SD3 with and without CFG (and a negative prompt);
+# FLUX with embedded guidance alone and with true CFG (a second, negative pass).
+GUIDANCE = [("sd3", 5.0, None, 1.0), ("sd3", 4.0, "blurry", 1.0), ("sd3", 1.0, None, 1.0),
+            ("flux", 3.5, None, 1.0), ("flux", 3.5, "blurry", 2.5)]
+
+
+@pytest.mark.parametrize("name,guidance,negative,true_cfg", GUIDANCE)
+def test_no_grad_sampling_equals_the_pipelines_own_call(flow_paths, name, guidance, negative, true_cfg):
+    reference = DiffusionPipeline.from_pretrained(flow_paths[name], local_files_only=True)  # diffusers' scheduler
+    reference.set_progress_bar_config(disable=True)
+    expected = theirs(reference, guidance, negative, true_cfg)
+    got = ours(load(flow_paths[name]), guidance, negative, true_cfg)
+    assert got.shape == expected.shape == (2, 3, 64, 48)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,guidance,negative,true_cfg,passes", [("sd3", 5.0, None, 1.0, 1),
+                                                                     ("flux", 3.5, None, 1.0, 1),
+                                                                     ("flux", 3.5, "blurry", 2.5, 2)])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_gradients_flow_through_exactly_the_last_k_transformer_calls(flow_paths, name, guidance, negative, true_cfg,
+                                                                      passes, k):
+    pipe = load(flow_paths[name])
+    with_lora(pipe)
+    calls = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(torch.is_grad_enabled()))
+    images = ours(pipe, guidance, negative, true_cfg, steps=5, grad_steps=k, checkpointing=False)
+    handle.remove()
+    assert calls == [False] * passes * (5 - k) + [True] * passes * k
+    images.mean().backward()
+    assert_every_lora_factor_has_a_gradient(pipe)
+
+
+@pytest.mark.parametrize("name,guidance", [("sd3", 3.0), ("flux", 3.5)])
+def test_float64_full_backprop_gradient_matches_finite_differences(flow_paths, name, guidance):
+    pipe = load(flow_paths[name], dtype=torch.float64)
+    params = with_lora(pipe)
+    for p in params:
+        p.data = p.data.double()
+    weights = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def loss() -> torch.Tensor:
+        images = ours(pipe, guidance, steps=3, grad_steps=3, height=32, width=32)
+        return (images * weights).sum()
+
+    loss().backward()
+    checked = 0
+    for p in params[:4]:
+        index = tuple(int(i) for i in torch.nonzero(p.grad.abs() > 1e-8)[0])
+        analytic = p.grad[index].item()
+        # Not smaller: diffusers' RMSNorm (FLUX) and the norms' fp32 upcasts compute the variance in fp32 even for
+        # fp64 inputs, which puts ~1e-7 relative noise into the loss; measured on FLUX: eps 1e-2 and 3e-3 agree with
+        # autograd to 1e-4, eps 1e-5 is off by 1e-2.
+        eps = 3e-3
+        with torch.no_grad():
+            original = p[index].item()
+            p[index] = original + eps
+            up = loss().item()
+            p[index] = original - eps
+            down = loss().item()
+            p[index] = original
+        numeric = (up - down) / (2 * eps)
+        assert abs(analytic - numeric) <= 1e-3 * abs(numeric) + 1e-9, (p.shape, index, analytic, numeric)
+        checked += 1
+    assert checked == 4
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_checkpointing_gives_the_same_gradients(flow_paths, name):
+    grads = []
+    for checkpointing in (False, True):
+        pipe = load(flow_paths[name])
+        params = with_lora(pipe)
+        ours(pipe, 3.0, steps=4, grad_steps=2, checkpointing=checkpointing).mean().backward()
+        grads.append([p.grad.clone() for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_flow_sde_is_seeded_noisy_and_reduces_to_euler_at_eta_zero(flow_paths):
+    euler = ours(load(flow_paths["flux"]), 3.5)
+    sde = load(flow_paths["flux"], scheduler="flow_sde")
+    first, again = ours(sde, 3.5, eta=0.7), ours(sde, 3.5, eta=0.7)
+    other_seed = ours(sde, 3.5, eta=0.7, seed=1)
+    assert torch.equal(first, again)
+    assert (first - euler).abs().max() > 1e-3 and (first - other_seed).abs().max() > 1e-3
+    torch.testing.assert_close(ours(sde, 3.5, eta=0.0), euler, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_draft_lv_renoises_with_the_flow_forward_process(flow_paths, name):
+    pipe = load(flow_paths[name])
+    with_lora(pipe)
+    embeddings = encode_prompts(pipe, PROMPTS, None, 3.0, CPU)
+    images = sample_images(pipe, embeddings, num_steps=4, guidance_scale=3.0, eta=1.0, height=32, width=32,
+                           grad_steps=1, generator=torch.Generator().manual_seed(0), draft_lv_n=3)
+    assert images.shape == (6, 3, 32, 32)
+    images.mean().backward()
+    assert_every_lora_factor_has_a_gradient(pipe)
+    scheduler = pipe.scheduler
+    x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    sigma = scheduler.sigmas[2]
+    torch.testing.assert_close(scheduler.add_noise(x0, noise, scheduler.timesteps[2:3]),
+                               sigma * noise + (1 - sigma) * x0)
+
+
+def flow_config(path, out, **overrides):
+    values = dict(pretrained_model=str(path), rewards="saturation", num_epochs=2, sample_num_steps=4,
+                  train_batch_size=2, truncation="fixed", truncation_k=2, mixed_precision="no", eval_num_samples=0,
+                  output_dir=str(out), save_freq=1, train_learning_rate=0.01)
+    values.update(overrides)
+    return AlignPropConfig(**values)
+
+
+@pytest.mark.parametrize("name,pipeline_class", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
+def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_trainers_samples(flow_paths, tmp_path,
+                                                                                          name, pipeline_class):
+    trainer = AlignPropTrainer(flow_config(flow_paths[name], tmp_path / "out"))
+    result = trainer.train()
+    lora_file = result.output_dir / "pytorch_lora_weights.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(lora_file), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
+    assert any(".add_q_proj." in k for k in keys)  # the joint blocks' context projections are adapted too
+    adapter = json.loads(metadata["lora_adapter_metadata"])
+    assert adapter["transformer.r"] == 4 and "add_v_proj" in adapter["transformer.target_modules"]
+    in_memory = ours(trainer.pipe, 3.0, steps=4)
+
+    import diffusers
+
+    fresh = getattr(diffusers, pipeline_class).from_pretrained(flow_paths[name], local_files_only=True)
+    fresh.set_progress_bar_config(disable=True)
+    base = theirs(fresh, 3.0, steps=4)
+    fresh.load_lora_weights(str(result.output_dir))
+    loaded = theirs(fresh, 3.0, steps=4)
+    torch.testing.assert_close(loaded, in_memory, rtol=0, atol=1e-6)
+    assert (loaded - base).abs().max() > 1e-4  # the LoRA changed something
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_two_step_cli_training_run(flow_paths, tmp_path, name, capsys):
+    out = tmp_path / "run"
+    status = main(["train", "--preset", "tiny", "--pretrained_model", str(flow_paths[name]), "--num_epochs", "2",
+                   "--sample_num_steps", "4", "--truncation_max", "4", "--eval_num_samples", "2",
+                   "--output_dir", str(out)])
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert status == 0, err
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "reward_mean" in row] == [1, 2]
+    assert "eval after:" in err and f"{family_of_name(name)}.load_lora_weights" in err
+
+
+def family_of_name(name):
+    return {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_resume_is_bitwise_exact(flow_paths, tmp_path, name):
+    straight = flow_config(flow_paths[name], tmp_path / "straight", num_epochs=3)
+    AlignPropTrainer(straight).train()
+    AlignPropTrainer(flow_config(flow_paths[name], tmp_path / "resumed", num_epochs=1)).train()
+    AlignPropTrainer(flow_config(flow_paths[name], tmp_path / "resumed", num_epochs=3, resume_from="latest")).train()
+    name_ = "pytorch_lora_weights.safetensors"
+    assert (tmp_path / "straight" / name_).read_bytes() == (tmp_path / "resumed" / name_).read_bytes()
+
+
+def test_tiny_pipeline_command_builds_each_family(tmp_path, capsys):
+    for family in ("sd3", "flux"):
+        assert main(["tiny-pipeline", str(tmp_path / family), "--family", family]) == 0
+        index = json.loads((tmp_path / family / "model_index.json").read_text())
+        assert index["_class_name"] == family_of_name(family)
+    assert "tiny FLUX pipeline written to" in capsys.readouterr().out
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_pre_hook(lambda *args: calls.append(torch.is_grad_enabled()))
+    return calls
+
+
+def test_block_and_vae_checkpointing_recompute_in_backward_and_keep_the_gradients(flow_paths):
+    """Per-block checkpointing inside the transformer runs each block once more during backward, VAE checkpointing
+    runs the decoder during backward; neither changes the LoRA gradients."""
+    results = []
+    for extra in (False, True):
+        pipe = load(flow_paths["flux"])
+        params = with_lora(pipe)
+        if extra:
+            pipe.transformer.enable_gradient_checkpointing()
+        block_calls, decoder_calls = count_calls(pipe.transformer.transformer_blocks[0]), count_calls(pipe.vae.decoder)
+        embeddings = encode_prompts(pipe, PROMPTS, None, 3.5, CPU)
+        images = sample_images(pipe, embeddings, num_steps=4, guidance_scale=3.5, eta=1.0, height=32, width=32,
+                               grad_steps=2, generator=torch.Generator().manual_seed(0), vae_checkpointing=extra)
+        forward_blocks, forward_decodes = len(block_calls), len(decoder_calls)
+        images.mean().backward()
+        results.append(([p.grad.clone() for p in params], len(block_calls) - forward_blocks,
+                        len(decoder_calls) - forward_decodes))
+    (plain, plain_blocks, plain_decodes), (checkpointed, blocks, decodes) = results
+    assert (plain_blocks, plain_decodes) == (2, 0)  # per-call checkpointing: each of the K=2 calls recomputed
+    assert (blocks, decodes) == (4, 1)
+    for a, b in zip(plain, checkpointed):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_full_fine_tuning_exports_the_transformer_folder(flow_paths, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    trainer = AlignPropTrainer(flow_config(flow_paths["flux"], tmp_path / "full", num_epochs=1, use_lora=False))
+    result = trainer.train()
+    assert not (result.output_dir / "pytorch_lora_weights.safetensors").exists()
+    loaded = FluxTransformer2DModel.from_pretrained(result.output_dir, subfolder="transformer")
+    trained = dict(trainer.pipe.transformer.named_parameters())
+    assert all(torch.equal(p, trained[n].detach()) for n, p in loaded.named_parameters())
