@@ -287,3 +287,46 @@ def test_full_fine_tuning_exports_the_transformer_folder(flow_paths, tmp_path):
     loaded = FluxTransformer2DModel.from_pretrained(result.output_dir, subfolder="transformer")
     trained = dict(trainer.pipe.transformer.named_parameters())
     assert all(torch.equal(p, trained[n].detach()) for n, p in loaded.named_parameters())
+
+
+def test_eval_sample_and_mix_work_on_flux_loras(flow_paths, tmp_path, capsys):
+    import diffusers
+
+    path = str(flow_paths["flux"])
+    for seed, out in ((0, "a"), (1, "b")):
+        AlignPropTrainer(flow_config(path, tmp_path / out, num_epochs=1, seed=seed)).train()
+    base = ["--pretrained_model", path, "--rewards", "saturation", "--sample_num_steps", "4"]
+    assert main(["eval", *base, "--eval_num_samples", "2", "--lora", str(tmp_path / "a"), "-o",
+                 str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(json.dumps(report)) > 100 and (tmp_path / "eval" / "grid.png").is_file()
+    assert main(["sample", *base, "--prompt", "a cat", "--lora", str(tmp_path / "a"), "-o",
+                 str(tmp_path / "samples")]) == 0
+    assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+    capsys.readouterr()
+    assert main(["mix", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.5", "0.5", "-o",
+                 str(tmp_path / "mix")]) == 0
+    assert "load it with FluxPipeline.load_lora_weights" in capsys.readouterr().out
+    pipe = diffusers.FluxPipeline.from_pretrained(path, local_files_only=True)
+    pipe.load_lora_weights(str(tmp_path / "mix"))
+    assert len(pipe.transformer.peft_config) == 1  # the mix loaded as one adapter
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_trl_style_callables_on_a_ready_pipeline(flow_paths, tmp_path, name):
+    """TRL's trainer interface (prompt_function, reward_function, a ready pipeline, step, _generate_samples)."""
+    pipe = DiffusionPipeline.from_pretrained(flow_paths[name], local_files_only=True)
+
+    def reward(images, prompts, metadata):
+        return images.mean(dim=(1, 2, 3)), {}
+
+    trainer = AlignPropTrainer(flow_config(flow_paths[name], tmp_path / "out"), reward, lambda: ("a cat", {}), pipe)
+    samples = trainer._generate_samples(2, with_grad=True)
+    assert tuple(samples["images"].shape) == (2, 3, 128, 128) and samples["images"].requires_grad
+    loss = trainer.calculate_loss(trainer.compute_rewards(samples))
+    assert torch.isfinite(loss)
+    global_step = 0
+    for epoch in range(2):
+        global_step = trainer.step(epoch, global_step)
+    assert global_step == 2
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -159,7 +159,12 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_work(tiny_config):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_sd_path, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_two_processes_match_one_process_with_the_same_global_batch(family, tiny_sd_path, tmp_path):
+    from alignprop_core.families import FLUX
+
+    if family == "flux":
+        tiny_sd_path = FLUX.build_tiny(tmp_path / "tiny-flux")
     script = str(SCRIPTS / "multiprocess_train.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -8,7 +8,7 @@ imports torch or diffusers at import time.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.families.base import Evaluate, Family, PromptEmbeddings
@@ -77,11 +77,16 @@ def lora_components() -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for family in FAMILIES for c in family.lora_components))
 
 
-def family_for_lora(components: Iterable[str]) -> Family:
-    """The first family whose pipelines have all ``components`` (a LoRA file's key prefixes): the class that
-    writes a LoRA adapting them."""
-    wanted = set(components)
-    for family in FAMILIES:
-        if wanted <= set(family.lora_components):
-            return family
-    raise ConfigError(f"no supported pipeline has all of {sorted(wanted)}; supported: {supported_pipelines()}")
+def family_for_lora(modules: Iterable[str] | Mapping[str, Iterable[str]]) -> Family:
+    """The family whose pipeline class writes and loads a LoRA adapting ``modules``: pipeline components (a LoRA
+    file's key prefixes), or components -> adapted module names. Of the families whose pipelines have all the
+    components, the first that recognises the module names (SD3 and FLUX both adapt a ``transformer``)."""
+    wanted = set(modules)
+    candidates = [family for family in FAMILIES if wanted <= set(family.lora_components)]
+    if not candidates:
+        raise ConfigError(f"no supported pipeline has all of {sorted(wanted)}; supported: {supported_pipelines()}")
+    if isinstance(modules, Mapping):
+        for family in candidates:
+            if family.recognises_lora_modules({c: list(names) for c, names in modules.items()}):
+                return family
+    return candidates[0]

@@ -170,6 +170,11 @@ class Family:
 
     # ------------------------------------------------------------------ LoRA files
 
+    def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
+        """Whether adapted modules (component -> module names) look like this family's, where several families
+        share the components."""
+        return True
+
     def save_lora_weights(self, directory: str | os.PathLike, layers: dict[str, dict[str, Any]],
                           metadata: dict[str, dict]) -> None:
         """Write ``{component: {key: tensor}}`` LoRA layers with their peft adapter configs through the family's

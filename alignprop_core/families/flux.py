@@ -48,6 +48,10 @@ class FluxFamily(FlowMatchFamily):
     tiny_id = TINY_FLUX_MODEL_ID
     models = ("vae", "text_encoder", "text_encoder_2", "transformer")
 
+    def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
+        """FLUX's transformer has single-stream blocks, SD3's has none."""
+        return any(name.startswith("single_transformer_blocks.") for name in modules.get("transformer", []))
+
     def default_size(self, pipe: Any) -> int:
         """The VAE's ``sample_size`` (1024 for FLUX.1), else the pipeline's default (1024)."""
         return int(getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor)
