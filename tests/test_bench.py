@@ -71,3 +71,19 @@ def test_run_refuses_a_missing_peer_with_one_line(tmp_path):
                            str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "bash bench/setup.sh" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_flow_gpu_cases_build_from_the_published_configs():
+    """The GPU bench's real-size FLUX.1-dev and SD3.5-medium pipelines build (meta device, no weights); without a GPU
+    a real run is one line, exit status 1."""
+    proc = subprocess.run([sys.executable, str(BENCH / "flow_gpu.py"), "--dry-run"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {row["model"]: row["params_b"] for row in map(json.loads, proc.stdout.splitlines())}
+    assert rows["flux1-dev"]["transformer"] == pytest.approx(11.90, abs=0.01)
+    assert rows["flux1-dev"]["text_encoder_2"] == pytest.approx(4.76, abs=0.01)  # T5-XXL encoder
+    assert set(rows["sd35-medium"]) == {"vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"}
+    bad = subprocess.run([sys.executable, str(BENCH / "flow_gpu.py"), "--dry-run", "--models", "flux2"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "error: --models: unknown 'flux2'; choose from flux1-dev, sd35-medium"]
