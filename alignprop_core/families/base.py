@@ -197,19 +197,32 @@ class Family:
         from alignprop_core import lora_files
 
         config = lora_files.sorted_sets(denoiser.peft_config["default"].to_dict())
-        self.save_lora_weights(directory, {self.denoiser_name: lora_files.unet_lora_state_dict(denoiser)},
+        self.save_lora_weights(directory, {self.denoiser_name: self.lora_layers(denoiser)},
                                {self.denoiser_name: config})
         lora_files.canonicalize_safetensors_header(Path(directory) / lora_files.LORA_WEIGHTS_NAME)
 
+    def lora_layers(self, denoiser: Any) -> dict[str, Any]:
+        """The denoiser's LoRA weights with the key names its pipeline's ``save_lora_weights`` writes (UNets:
+        diffusers' ``lora.down``/``lora.up`` names)."""
+        from alignprop_core import lora_files
+
+        return lora_files.unet_lora_state_dict(denoiser)
+
+    def peft_keys(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A LoRA file's denoiser weights (prefix removed) with peft's key names, for ``set_peft_model_state_dict``."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        return convert_unet_state_dict_to_peft(state)
+
     def load_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
         """Load a LoRA folder's denoiser weights into the denoiser's existing peft adapter ``default``."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        state, _ = self.lora_state_dict(directory)
+        state = self.lora_state_dict(directory)
+        state = state[0] if isinstance(state, tuple) else state  # UNet loaders also return network alphas
         prefix = self.denoiser_name + "."
         own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(denoiser, convert_unet_state_dict_to_peft(own), adapter_name="default")
+        result = set_peft_model_state_dict(denoiser, self.peft_keys(own), adapter_name="default")
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ConfigError(f"LoRA in '{directory}' does not fit this {self.denoiser_label} (unexpected keys "

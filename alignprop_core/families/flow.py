@@ -8,10 +8,8 @@ equals the pipeline's own output.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from alignprop_core.errors import ConfigError
 from alignprop_core.families.base import Family
 
 
@@ -58,30 +56,13 @@ class FlowMatchFamily(Family):
 
     # ------------------------------------------------------------------ LoRA files (peft key names)
 
-    def save_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
-        from pathlib import Path
-
+    def lora_layers(self, denoiser: Any) -> dict[str, Any]:
         from peft.utils import get_peft_model_state_dict
 
-        from alignprop_core import lora_files
+        return get_peft_model_state_dict(denoiser)
 
-        config = lora_files.sorted_sets(denoiser.peft_config["default"].to_dict())
-        self.save_lora_weights(directory, {self.denoiser_name: get_peft_model_state_dict(denoiser)},
-                               {self.denoiser_name: config})
-        lora_files.canonicalize_safetensors_header(Path(directory) / lora_files.LORA_WEIGHTS_NAME)
-
-    def load_lora(self, denoiser: Any, directory: str | os.PathLike) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        state = self.lora_state_dict(directory)
-        state = state[0] if isinstance(state, tuple) else state
-        prefix = self.denoiser_name + "."
-        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        result = set_peft_model_state_dict(denoiser, own, adapter_name="default")
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ConfigError(f"LoRA in '{directory}' does not fit this {self.denoiser_label} (unexpected keys "
-                              f"such as {unexpected[0]}); resume with the same lora_rank and lora_target_modules")
+    def peft_keys(self, state: dict[str, Any]) -> dict[str, Any]:
+        return state  # the transformer loaders' files are in peft format already
 
 
 def flow_sigmas(num_steps: int) -> Any:
