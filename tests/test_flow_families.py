@@ -330,3 +330,22 @@ def test_trl_style_callables_on_a_ready_pipeline(flow_paths, tmp_path, name):
         global_step = trainer.step(epoch, global_step)
     assert global_step == 2
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_precision_rules_of_the_flow_families(flow_paths):
+    """A force_upcast VAE stays fp32 under an explicit fp16 (and decodes outside fp16 autocast); bf16 casts every
+    frozen model; the flow families default to bf16 on a GPU (tests/test_config.py)."""
+    from diffusers import AutoencoderKL
+
+    for name in ("sd3", "flux"):
+        pipe = DiffusionPipeline.from_pretrained(flow_paths[name], local_files_only=True)
+        pipe.vae = AutoencoderKL.from_config({**pipe.vae.config, "force_upcast": True})
+        family_of(pipe).prepare(pipe, "auto", CPU, torch.float16)
+        assert pipe.vae.dtype == torch.float32 and pipe.transformer.dtype == torch.float16
+        family_of(pipe).prepare(pipe, "auto", CPU, torch.bfloat16)
+        assert pipe.vae.dtype == pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16
+        latents = torch.randn(1, pipe.vae.config.latent_channels, 4, 4)
+        pipe.vae.to(torch.float32)
+        with torch.autocast("cpu", dtype=torch.float16):
+            decoded = family_of(pipe).decode(pipe, latents)
+        assert decoded.dtype == torch.float32 and torch.isfinite(decoded).all()

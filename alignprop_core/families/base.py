@@ -99,10 +99,37 @@ class Family:
         """Load a pipeline of this family from a hub id or folder (``kwargs`` go to ``from_pretrained``)."""
         return self.pipeline_class().from_pretrained(source, **self.load_kwargs(), **kwargs)
 
+    #: the pipeline's models that ``prepare`` freezes and moves, in this order (absent ones skipped)
+    models: tuple[str, ...] = ()
+    #: whether a ``force_upcast`` VAE stays fp32 when the frozen weights are fp16 (it overflows in fp16)
+    upcast_vae_in_fp16: bool = False
+
     def prepare(self, pipe: Any, scheduler: str, device: Any, dtype: Any) -> None:
-        """Set a loaded pipeline up for differentiable sampling: scheduler ``scheduler`` (a name of
-        :data:`alignprop_core.schedulers.SCHEDULERS`), every model frozen, on ``device``, in ``dtype``."""
-        raise NotImplementedError
+        """Set a loaded pipeline up for differentiable sampling: scheduler ``scheduler`` (``auto`` or a name of
+        :data:`alignprop_core.schedulers.SCHEDULERS`), every model frozen, on ``device``, in ``dtype`` (see
+        :meth:`model_dtype`)."""
+        from alignprop_core.schedulers import make_scheduler
+
+        pipe.scheduler = make_scheduler(self.scheduler_name(scheduler), pipe.scheduler.config)
+        for name in self.models:
+            module = getattr(pipe, name, None)
+            if module is None:
+                continue
+            module.requires_grad_(False)
+            module.to(device)
+            target = self.model_dtype(pipe, module, dtype)
+            if module.dtype != target:
+                module.to(dtype=target)
+        pipe.set_progress_bar_config(disable=True)
+
+    def model_dtype(self, pipe: Any, module: Any, dtype: Any) -> Any:
+        """The dtype ``prepare`` gives ``module`` when the frozen weights are in ``dtype``."""
+        import torch
+
+        if (self.upcast_vae_in_fp16 and module is pipe.vae and dtype == torch.float16
+                and getattr(module.config, "force_upcast", False)):
+            return torch.float32
+        return dtype
 
     def scheduler_name(self, scheduler: str) -> str:
         """The config's ``scheduler`` for this family: ``auto`` -> its default; a one-line :class:`ConfigError` for

@@ -21,22 +21,7 @@ class FlowMatchFamily(Family):
     default_scheduler = "flow_euler"
     scheduler_kind = "flow"
     default_mixed_precision = "bf16"  # fp16 overflows in T5 and in these transformers' activations
-    #: frozen models ``prepare`` moves (absent ones skipped)
-    models: tuple[str, ...] = ()
-
-    def prepare(self, pipe: Any, scheduler: str, device: Any, dtype: Any) -> None:
-        from alignprop_core.schedulers import make_scheduler
-
-        pipe.scheduler = make_scheduler(self.scheduler_name(scheduler), pipe.scheduler.config)
-        for name in self.models:
-            module = getattr(pipe, name, None)
-            if module is None:
-                continue
-            module.requires_grad_(False)
-            module.to(device)
-            if module.dtype != dtype:
-                module.to(dtype=dtype)
-        pipe.set_progress_bar_config(disable=True)
+    upcast_vae_in_fp16 = True  # only with an explicit fp16: 16-channel VAEs overflow there
 
     def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
         return {"generator": generator, "eta": eta}
@@ -45,12 +30,19 @@ class FlowMatchFamily(Family):
         return denoiser(hidden_states=sample, timestep=t, **kwargs, return_dict=False)[0]
 
     def decode(self, pipe: Any, latents: Any) -> Any:
-        """``latents / scaling_factor + shift_factor``, VAE decode in the VAE's dtype, as both pipelines do."""
+        """``latents / scaling_factor + shift_factor``, VAE decode in the VAE's dtype, as both pipelines do (fp32
+        for a ``force_upcast`` VAE under fp16, see :meth:`model_dtype`)."""
+        import contextlib
+
         import torch
 
         vae = pipe.vae
         scaled = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
+        device_type = latents.device.type
+        fp32_vae_under_fp16 = (vae.dtype == torch.float32 and torch.is_autocast_enabled(device_type)
+                               and torch.get_autocast_dtype(device_type) == torch.float16)
+        with torch.autocast(device_type, enabled=False) if fp32_vae_under_fp16 else contextlib.nullcontext():
+            decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
         decoded = decoded.to(torch.promote_types(decoded.dtype, torch.float32))  # fp32, or fp64 for a fp64 check
         return (decoded / 2 + 0.5).clamp(0, 1)
 

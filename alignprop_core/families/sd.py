@@ -27,7 +27,6 @@ class StableDiffusionFamily(Family):
     lora_components = ("unet", "text_encoder")
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     tiny_id = TINY_MODEL_ID
-    #: the models ``prepare`` freezes and moves, in this order (absent ones skipped)
     models = ("vae", "text_encoder", "unet")
 
     # ------------------------------------------------------------------ loading
@@ -35,25 +34,6 @@ class StableDiffusionFamily(Family):
     def load_kwargs(self) -> dict[str, Any]:
         # the safety checker runs only in pipe.__call__, never in the sampler: not loading it saves its weights
         return {"safety_checker": None, "requires_safety_checker": False}
-
-    def model_dtype(self, pipe: Any, module: Any, dtype: Any) -> Any:
-        """The dtype ``prepare`` gives ``module`` when the frozen weights are in ``dtype``."""
-        return dtype
-
-    def prepare(self, pipe: Any, scheduler: str, device: Any, dtype: Any) -> None:
-        from alignprop_core.schedulers import make_scheduler
-
-        pipe.scheduler = make_scheduler(self.scheduler_name(scheduler), pipe.scheduler.config)
-        for name in self.models:
-            module = getattr(pipe, name, None)
-            if module is None:
-                continue
-            module.requires_grad_(False)
-            module.to(device)
-            target = self.model_dtype(pipe, module, dtype)
-            if module.dtype != target:
-                module.to(dtype=target)
-        pipe.set_progress_bar_config(disable=True)
 
     def default_size(self, pipe: Any) -> int:
         return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)

@@ -39,18 +39,11 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     lora_components = ("unet", "text_encoder", "text_encoder_2")
     tiny_id = TINY_SDXL_MODEL_ID
     models = ("vae", "text_encoder", "text_encoder_2", "unet")
+    upcast_vae_in_fp16 = True  # as StableDiffusionXLPipeline decodes
 
     def load_kwargs(self) -> dict[str, Any]:
         # the watermark is applied only in pipe.__call__ (never in the sampler), and needs invisible-watermark
         return {"add_watermarker": False}
-
-    def model_dtype(self, pipe: Any, module: Any, dtype: Any) -> Any:
-        """A ``force_upcast`` VAE stays fp32 under fp16 (it overflows in fp16; its pipeline decodes in fp32)."""
-        import torch
-
-        if module is pipe.vae and dtype == torch.float16 and getattr(module.config, "force_upcast", False):
-            return torch.float32
-        return dtype
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> SDXLPromptEmbeddings:
