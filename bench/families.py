@@ -1,16 +1,16 @@
-"""The tiny pipeline of every family (SD 1.x, SDXL, SD3, FLUX): training step time and peak memory, same settings,
-side by side in one run.
+"""The tiny pipeline of every family (SD 1.x, SDXL, SD3, FLUX, Z-Image): training step time and peak memory, same
+settings, side by side in one run.
 
 Every tiny pipeline (``alignprop_core.tiny``; default size 128 px) trains with the same config through
 ``AlignPropTrainer`` (saturation reward, fp32, per-call gradient checkpointing on, the family's own scheduler;
-guidance 5: CFG for SD/SDXL/SD3, FLUX's embedded guidance). Each (model, truncation) case runs in a
+guidance 5: CFG for SD/SDXL/SD3/Z-Image, FLUX's embedded guidance). Each (model, truncation) case runs in a
 fresh subprocess, so its peak memory is its own: on CPU the peak RSS growth over the process's RSS before the first
 step (``ru_maxrss``), on CUDA ``torch.cuda.max_memory_allocated`` over the steps. The first step is a warm-up; the
 reported time is the median ``step_time`` of the others, and with ``--repeats R`` the smallest of R such runs
 (the cases alternate between the models, so a busy machine hurts both alike). Run:
 
     .venv/bin/python bench/families.py [--steps 20] [--batch 2] [--epochs 4] [--repeats 2] [--cases k1,k5,all,lv2]
-        [--models sd,sdxl,sd3,flux] [--json bench/results/families.json]
+        [--models sd,sdxl,sd3,flux,z-image] [--json bench/results/families.json]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="train_batch_size (default 2)")
     parser.add_argument("--epochs", type=int, default=4, help="optimizer steps per case, first one warm-up (4)")
     parser.add_argument("--scheduler", default="auto", help="default auto: each family's own")
-    parser.add_argument("--models", default="sd,sdxl,sd3,flux", help="comma list of tiny families")
+    parser.add_argument("--models", default="sd,sdxl,sd3,flux,z-image", help="comma list of tiny families")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=2, help="runs per case, the fastest reported (default 2)")

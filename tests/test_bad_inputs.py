@@ -102,10 +102,11 @@ def world(tiny_sd_path, tmp_path_factory):
     other_base_model_lora(root / "lora", root / "lora_other")
     (root / "garbage_lora").mkdir()
     (root / "garbage_lora" / "pytorch_lora_weights.safetensors").write_bytes(b"\x00garbage")
-    from alignprop_core.families import FLUX, SD3
+    from alignprop_core.families import FLUX, SD3, Z_IMAGE
 
     FLUX.build_tiny(root / "tiny_flux")
     SD3.build_tiny(root / "tiny_sd3")
+    Z_IMAGE.build_tiny(root / "tiny_z_image")
     site = root / "site"
     site.mkdir()
     fake_plugin(site, "broken", "broken_reward_plugin", "raise ImportError('needs libfoo')\n")
@@ -120,7 +121,8 @@ def world(tiny_sd_path, tmp_path_factory):
 
 def placeholders(world: Path, tiny_sd_path: Path) -> dict[str, str]:
     names = ("out", "nonexistent", "empty", "file", "binary", "latin1", "blank", "lora", "lora_other",
-             "garbage_lora", "incomplete", "damaged", "used", "report", "samples", "tiny_flux", "tiny_sd3")
+             "garbage_lora", "incomplete", "damaged", "used", "report", "samples", "tiny_flux", "tiny_sd3",
+             "tiny_z_image")
     return {**{name: str(world / name) for name in names}, "tiny": str(tiny_sd_path),
             "badjsonl": str(world / "bad.jsonl"), "nullprompt": str(world / "null.jsonl")}
 

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from alignprop_core import AlignPropConfig, AlignPropTrainer
 from alignprop_core.cli import main
-from alignprop_core.families import FLUX, SD3, family_of
+from alignprop_core.families import FLUX, SD3, Z_IMAGE, family_of
 from alignprop_core.lora import add_lora
 from alignprop_core.sampler import encode_prompts, sample_images
 
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def flow_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    return {family.name: family.build_tiny(root / family.name) for family in (SD3, FLUX)}
+    return {family.name: family.build_tiny(root / family.name) for family in (SD3, FLUX, Z_IMAGE)}
 
 
 def load(path, scheduler="auto", dtype=torch.float32):
@@ -67,13 +67,15 @@ def theirs(pipe, guidance, negative=None, true_cfg=1.0, steps=4, height=64, widt
         kwargs["negative_prompt"] = [negative] * len(PROMPTS)
     if family_of(pipe) is FLUX:
         kwargs["true_cfg_scale"] = true_cfg
-    return pipe(PROMPTS, **kwargs).images
+    return pipe(list(PROMPTS), **kwargs).images  # a copy: ZImagePipeline rewrites the prompt list in place
 
 
 # (family, guidance_scale, negative prompt, true_cfg_scale): SD3 with and without CFG (and a negative prompt);
-# FLUX with embedded guidance alone and with true CFG (a second, negative pass).
+# FLUX with embedded guidance alone and with true CFG (a second, negative pass); Z-Image without guidance (its
+# Turbo setting, guidance 0) and with its CFG.
 GUIDANCE = [("sd3", 5.0, None, 1.0), ("sd3", 4.0, "blurry", 1.0), ("sd3", 1.0, None, 1.0),
-            ("flux", 3.5, None, 1.0), ("flux", 3.5, "blurry", 2.5)]
+            ("flux", 3.5, None, 1.0), ("flux", 3.5, "blurry", 2.5),
+            ("z-image", 0.0, None, 1.0), ("z-image", 4.0, None, 1.0), ("z-image", 4.0, "blurry", 1.0)]
 
 
 @pytest.mark.parametrize("name,guidance,negative,true_cfg", GUIDANCE)
@@ -88,7 +90,8 @@ def test_no_grad_sampling_equals_the_pipelines_own_call(flow_paths, name, guidan
 
 @pytest.mark.parametrize("name,guidance,negative,true_cfg,passes", [("sd3", 5.0, None, 1.0, 1),
                                                                      ("flux", 3.5, None, 1.0, 1),
-                                                                     ("flux", 3.5, "blurry", 2.5, 2)])
+                                                                     ("flux", 3.5, "blurry", 2.5, 2),
+                                                                     ("z-image", 4.0, None, 1.0, 1)])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_gradients_flow_through_exactly_the_last_k_transformer_calls(flow_paths, name, guidance, negative, true_cfg,
                                                                       passes, k):
@@ -103,8 +106,15 @@ def test_gradients_flow_through_exactly_the_last_k_transformer_calls(flow_paths,
     assert_every_lora_factor_has_a_gradient(pipe)
 
 
-@pytest.mark.parametrize("name,guidance", [("sd3", 3.0), ("flux", 3.5)])
+@pytest.mark.parametrize("name,guidance", [("sd3", 3.0), ("flux", 3.5), ("z-image", 3.0)])
 def test_float64_full_backprop_gradient_matches_finite_differences(flow_paths, name, guidance):
+    """Autograd's directional derivative along random directions of the whole LoRA equals central differences.
+
+    Random directions rather than single entries, and eps 3e-3: these models are not fp64 throughout even in fp64
+    (Z-Image applies RoPE in complex64; diffusers' RMSNorm computes its variance in fp32), which puts ~4e-6 of noise
+    into the loss, ~7e-4 in the difference quotient at eps 3e-3. Along a random direction the signal is 0.1-0.2, and
+    central differences agreed with autograd to 1e-5 and 1.3e-3 (relative; two directions) on Z-Image, within 1e-3
+    on SD3 and FLUX: the tolerance is 1e-3, and 1e-2 for Z-Image's complex64 RoPE."""
     pipe = load(flow_paths[name], dtype=torch.float64)
     params = with_lora(pipe)
     for p in params:
@@ -116,25 +126,25 @@ def test_float64_full_backprop_gradient_matches_finite_differences(flow_paths, n
         return (images * weights).sum()
 
     loss().backward()
-    checked = 0
-    for p in params[:4]:
-        index = tuple(int(i) for i in torch.nonzero(p.grad.abs() > 1e-8)[0])
-        analytic = p.grad[index].item()
-        # Not smaller: diffusers' RMSNorm (FLUX) and the norms' fp32 upcasts compute the variance in fp32 even for
-        # fp64 inputs, which puts ~1e-7 relative noise into the loss; measured on FLUX: eps 1e-2 and 3e-3 agree with
-        # autograd to 1e-4, eps 1e-5 is off by 1e-2.
-        eps = 3e-3
+    generator = torch.Generator().manual_seed(5)
+    eps = 3e-3
+    for _ in range(2):
+        direction = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
+        norm = torch.sqrt(sum((d * d).sum() for d in direction))
+        direction = [d / norm for d in direction]
+        analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+        values = []
         with torch.no_grad():
-            original = p[index].item()
-            p[index] = original + eps
-            up = loss().item()
-            p[index] = original - eps
-            down = loss().item()
-            p[index] = original
-        numeric = (up - down) / (2 * eps)
-        assert abs(analytic - numeric) <= 1e-3 * abs(numeric) + 1e-9, (p.shape, index, analytic, numeric)
-        checked += 1
-    assert checked == 4
+            for sign in (1.0, -1.0):
+                for p, d in zip(params, direction):
+                    p.add_(sign * eps * d)
+                values.append(loss().item())
+                for p, d in zip(params, direction):
+                    p.sub_(sign * eps * d)
+        numeric = (values[0] - values[1]) / (2 * eps)
+        assert abs(numeric) > 1e-3  # a real signal, far above the noise
+        tolerance = 1e-2 if name == "z-image" else 1e-3
+        assert abs(analytic - numeric) <= tolerance * abs(numeric), (analytic, numeric)
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -184,7 +194,8 @@ def flow_config(path, out, **overrides):
     return AlignPropConfig(**values)
 
 
-@pytest.mark.parametrize("name,pipeline_class", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline")])
+@pytest.mark.parametrize("name,pipeline_class", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline"),
+                                                 ("z-image", "ZImagePipeline")])
 def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_trainers_samples(flow_paths, tmp_path,
                                                                                           name, pipeline_class):
     trainer = AlignPropTrainer(flow_config(flow_paths[name], tmp_path / "out"))
@@ -195,9 +206,11 @@ def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_traine
     with safe_open(str(lora_file), "pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata()
     assert keys and all(k.startswith("transformer.") and (".lora_A." in k or ".lora_B." in k) for k in keys)
-    assert any(".add_q_proj." in k for k in keys)  # the joint blocks' context projections are adapted too
     adapter = json.loads(metadata["lora_adapter_metadata"])
-    assert adapter["transformer.r"] == 4 and "add_v_proj" in adapter["transformer.target_modules"]
+    assert adapter["transformer.r"] == 4
+    assert sorted(adapter["transformer.target_modules"]) == sorted(family_of(trainer.pipe).lora_target_modules)
+    if name != "z-image":
+        assert any(".add_q_proj." in k for k in keys)  # the joint blocks' context projections are adapted too
     in_memory = ours(trainer.pipe, 3.0, steps=4)
 
     import diffusers
@@ -211,7 +224,7 @@ def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_traine
     assert (loaded - base).abs().max() > 1e-4  # the LoRA changed something
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z-image"])
 def test_two_step_cli_training_run(flow_paths, tmp_path, name, capsys):
     out = tmp_path / "run"
     status = main(["train", "--preset", "tiny", "--pretrained_model", str(flow_paths[name]), "--num_epochs", "2",
@@ -227,10 +240,10 @@ def test_two_step_cli_training_run(flow_paths, tmp_path, name, capsys):
 
 
 def family_of_name(name):
-    return {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[name]
+    return {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "z-image": "ZImagePipeline"}[name]
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z-image"])
 def test_resume_is_bitwise_exact(flow_paths, tmp_path, name):
     straight = flow_config(flow_paths[name], tmp_path / "straight", num_epochs=3)
     AlignPropTrainer(straight).train()
@@ -241,7 +254,7 @@ def test_resume_is_bitwise_exact(flow_paths, tmp_path, name):
 
 
 def test_tiny_pipeline_command_builds_each_family(tmp_path, capsys):
-    for family in ("sd3", "flux"):
+    for family in ("sd3", "flux", "z-image"):
         assert main(["tiny-pipeline", str(tmp_path / family), "--family", family]) == 0
         index = json.loads((tmp_path / family / "model_index.json").read_text())
         assert index["_class_name"] == family_of_name(family)

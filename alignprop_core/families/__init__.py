@@ -16,16 +16,18 @@ from alignprop_core.families.flux import FLUX, TINY_FLUX_MODEL_ID, FluxFamily, F
 from alignprop_core.families.sd import SD, TINY_MODEL_ID, StableDiffusionFamily
 from alignprop_core.families.sd3 import SD3, TINY_SD3_MODEL_ID, SD3PromptEmbeddings, StableDiffusion3Family
 from alignprop_core.families.sdxl import SDXL, TINY_SDXL_MODEL_ID, SDXLPromptEmbeddings, StableDiffusionXLFamily
+from alignprop_core.families.z_image import TINY_Z_IMAGE_MODEL_ID, Z_IMAGE, ZImageFamily, ZImagePromptEmbeddings
 
 __all__ = ["FAMILIES", "FLUX", "SD", "SD3", "SDXL", "TINY_FLUX_MODEL_ID", "TINY_MODEL_ID", "TINY_SD3_MODEL_ID",
            "TINY_SDXL_MODEL_ID", "Evaluate", "Family", "FluxFamily", "FluxPromptEmbeddings", "PromptEmbeddings",
            "SD3PromptEmbeddings", "SDXLPromptEmbeddings", "StableDiffusion3Family", "StableDiffusionFamily",
-           "StableDiffusionXLFamily", "family_for_class_name",
+           "StableDiffusionXLFamily", "TINY_Z_IMAGE_MODEL_ID", "Z_IMAGE", "ZImageFamily", "ZImagePromptEmbeddings",
+           "family_for_class_name",
            "family_for_lora", "family_named", "family_of", "lora_components", "prepare_pipeline",
            "supported_pipelines"]
 
 #: every family, in the order they are tried; the first is the default (LoRA files, ``save_lora``)
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SD3, FLUX)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SD3, FLUX, Z_IMAGE)
 
 
 def supported_pipelines() -> str:

@@ -83,3 +83,26 @@ def tiny_t5_config(tokenizer: Any, d_model: int = 32) -> Any:
     return T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                     decoder_start_token_id=tokenizer.pad_token_id)
+
+
+#: the chat template of the tiny LLM tokenizers: Qwen's ChatML layout (``enable_thinking`` and other template
+#: arguments are accepted and ignored)
+CHATML_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_chat_tokenizer() -> Any:
+    """A byte-level BPE ``PreTrainedTokenizerFast`` built without any file (the 256 byte symbols, no merges, Qwen's
+    ``<|endoftext|>``/``<|im_start|>``/``<|im_end|>`` specials, a ChatML chat template), for tiny LLM text encoders;
+    ``save_pretrained`` / ``from_pretrained`` round-trip it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(_bytes_to_unicode().values())}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"], model_max_length=512)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
