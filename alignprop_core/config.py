@@ -61,8 +61,8 @@ class AlignPropConfig:
     # --- model and data
     pretrained_model: str = _f(
         DEFAULT_MODEL,
-        "diffusers pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, Z-Image): a hub id or a local folder "
-        "('alignprop:tiny-sd', -sdxl, -sd3, -flux, -z-image = tiny random-weight offline models)")
+        "diffusers pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image): a hub id or a local "
+        "folder ('alignprop:tiny-sd', -sdxl, -sd3, -flux, -flux2-klein, -z-image = tiny random-weight models)")
     pretrained_revision: str = _f("main", "hub revision of pretrained_model")
     rewards: list[RewardSpec] = _f(
         help="rewards to maximise, weighted sum: list of {name, weight, options}, or 'name:weight,name2:weight2'",
@@ -77,7 +77,7 @@ class AlignPropConfig:
     # --- sampling
     sample_num_steps: int = _f(50, "denoising steps per sample (>= 1)")
     scheduler: str = _f("auto", "sampler, built from the model's scheduler config: auto (ddim for SD/SDXL, "
-                        "flow_euler for SD3/FLUX/Z-Image) or " + ", ".join(SCHEDULERS))
+                        "flow_euler for the flow-matching transformers) or " + ", ".join(SCHEDULERS))
     sample_eta: float = _f(1.0, "noise in [0, 1] (0 = deterministic): DDIM's eta (ddim), the SDE's noise level "
                            "(flow_sde); unused by the other schedulers")
     sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance); FLUX: the "
@@ -123,9 +123,9 @@ class AlignPropConfig:
     train_max_grad_norm: float = _f(1.0, "clip the LoRA gradient norm to this value (> 0)")
     max_nonfinite_steps: int = _f(5, "stop after this many optimizer steps in a row with NaN/inf rewards or loss "
                                   "(each such step is skipped; the last good LoRA is kept)")
-    mixed_precision: Optional[str] = _f("auto", "auto (on a GPU fp16 for SD/SDXL, bf16 for SD3/FLUX/Z-Image; fp32 "
-                                        "on CPU), no, fp16 or bf16 (frozen weights in that dtype, trained weights in "
-                                        "fp32; fp16 falls back to 'no' on CPU); None or 'none' = 'no'")
+    mixed_precision: Optional[str] = _f("auto", "auto (on a GPU fp16 for SD/SDXL, bf16 for the flow transformers; "
+                                        "fp32 on CPU), no, fp16 or bf16 (frozen weights in that dtype, trained "
+                                        "weights in fp32; fp16 falls back to 'no' on CPU); None or 'none' = 'no'")
     allow_tf32: bool = _f(True, "allow TF32 matmuls on Ampere+ GPUs")
     seed: int = _f(0, "random seed (prompts, noise, truncation draws), in [0, 2**32 - 1]")
     num_threads: Optional[int] = _f(None, "CPU threads for torch (None: torch's default; see "

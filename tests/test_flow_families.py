@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from alignprop_core import AlignPropConfig, AlignPropTrainer
 from alignprop_core.cli import main
-from alignprop_core.families import FLUX, SD3, Z_IMAGE, family_of
+from alignprop_core.families import FLUX, FLUX2_KLEIN, SD3, Z_IMAGE, family_of
 from alignprop_core.lora import add_lora
 from alignprop_core.sampler import encode_prompts, sample_images
 
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def flow_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    return {family.name: family.build_tiny(root / family.name) for family in (SD3, FLUX, Z_IMAGE)}
+    return {family.name: family.build_tiny(root / family.name) for family in (SD3, FLUX, FLUX2_KLEIN, Z_IMAGE)}
 
 
 def load(path, scheduler="auto", dtype=torch.float32):
@@ -67,7 +67,8 @@ def theirs(pipe, guidance, negative=None, true_cfg=1.0, steps=4, height=64, widt
         kwargs["negative_prompt"] = [negative] * len(PROMPTS)
     if family_of(pipe) is FLUX:
         kwargs["true_cfg_scale"] = true_cfg
-    return pipe(list(PROMPTS), **kwargs).images  # a copy: ZImagePipeline rewrites the prompt list in place
+    # a copy: ZImagePipeline rewrites the prompt list in place; by keyword: Flux2KleinPipeline takes an image first
+    return pipe(prompt=list(PROMPTS), **kwargs).images
 
 
 # (family, guidance_scale, negative prompt, true_cfg_scale): SD3 with and without CFG (and a negative prompt);
@@ -75,7 +76,8 @@ def theirs(pipe, guidance, negative=None, true_cfg=1.0, steps=4, height=64, widt
 # Turbo setting, guidance 0) and with its CFG.
 GUIDANCE = [("sd3", 5.0, None, 1.0), ("sd3", 4.0, "blurry", 1.0), ("sd3", 1.0, None, 1.0),
             ("flux", 3.5, None, 1.0), ("flux", 3.5, "blurry", 2.5),
-            ("z-image", 0.0, None, 1.0), ("z-image", 4.0, None, 1.0), ("z-image", 4.0, "blurry", 1.0)]
+            ("z-image", 0.0, None, 1.0), ("z-image", 4.0, None, 1.0), ("z-image", 4.0, "blurry", 1.0),
+            ("flux2-klein", 1.0, None, 1.0), ("flux2-klein", 4.0, None, 1.0)]
 
 
 @pytest.mark.parametrize("name,guidance,negative,true_cfg", GUIDANCE)
@@ -91,7 +93,8 @@ def test_no_grad_sampling_equals_the_pipelines_own_call(flow_paths, name, guidan
 @pytest.mark.parametrize("name,guidance,negative,true_cfg,passes", [("sd3", 5.0, None, 1.0, 1),
                                                                      ("flux", 3.5, None, 1.0, 1),
                                                                      ("flux", 3.5, "blurry", 2.5, 2),
-                                                                     ("z-image", 4.0, None, 1.0, 1)])
+                                                                     ("z-image", 4.0, None, 1.0, 1),
+                                                                     ("flux2-klein", 4.0, None, 1.0, 2)])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_gradients_flow_through_exactly_the_last_k_transformer_calls(flow_paths, name, guidance, negative, true_cfg,
                                                                       passes, k):
@@ -106,7 +109,7 @@ def test_gradients_flow_through_exactly_the_last_k_transformer_calls(flow_paths,
     assert_every_lora_factor_has_a_gradient(pipe)
 
 
-@pytest.mark.parametrize("name,guidance", [("sd3", 3.0), ("flux", 3.5), ("z-image", 3.0)])
+@pytest.mark.parametrize("name,guidance", [("sd3", 3.0), ("flux", 3.5), ("z-image", 3.0), ("flux2-klein", 3.0)])
 def test_float64_full_backprop_gradient_matches_finite_differences(flow_paths, name, guidance):
     """Autograd's directional derivative along random directions of the whole LoRA equals central differences.
 
@@ -142,7 +145,7 @@ def test_float64_full_backprop_gradient_matches_finite_differences(flow_paths, n
                 for p, d in zip(params, direction):
                     p.sub_(sign * eps * d)
         numeric = (values[0] - values[1]) / (2 * eps)
-        assert abs(numeric) > 1e-3  # a real signal, far above the noise
+        assert abs(numeric) > 1e-4  # a real derivative (measured 4e-4 to 0.2 over the families), not a zero
         tolerance = 1e-2 if name == "z-image" else 1e-3
         assert abs(analytic - numeric) <= tolerance * abs(numeric), (analytic, numeric)
 
@@ -195,7 +198,7 @@ def flow_config(path, out, **overrides):
 
 
 @pytest.mark.parametrize("name,pipeline_class", [("sd3", "StableDiffusion3Pipeline"), ("flux", "FluxPipeline"),
-                                                 ("z-image", "ZImagePipeline")])
+                                                 ("z-image", "ZImagePipeline"), ("flux2-klein", "Flux2KleinPipeline")])
 def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_trainers_samples(flow_paths, tmp_path,
                                                                                           name, pipeline_class):
     trainer = AlignPropTrainer(flow_config(flow_paths[name], tmp_path / "out"))
@@ -209,7 +212,7 @@ def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_traine
     adapter = json.loads(metadata["lora_adapter_metadata"])
     assert adapter["transformer.r"] == 4
     assert sorted(adapter["transformer.target_modules"]) == sorted(family_of(trainer.pipe).lora_target_modules)
-    if name != "z-image":
+    if name in ("sd3", "flux", "flux2-klein"):
         assert any(".add_q_proj." in k for k in keys)  # the joint blocks' context projections are adapted too
     in_memory = ours(trainer.pipe, 3.0, steps=4)
 
@@ -224,7 +227,7 @@ def test_exported_lora_loads_with_the_pipelines_loader_and_reproduces_the_traine
     assert (loaded - base).abs().max() > 1e-4  # the LoRA changed something
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "z-image"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z-image", "flux2-klein"])
 def test_two_step_cli_training_run(flow_paths, tmp_path, name, capsys):
     out = tmp_path / "run"
     status = main(["train", "--preset", "tiny", "--pretrained_model", str(flow_paths[name]), "--num_epochs", "2",
@@ -240,10 +243,11 @@ def test_two_step_cli_training_run(flow_paths, tmp_path, name, capsys):
 
 
 def family_of_name(name):
-    return {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "z-image": "ZImagePipeline"}[name]
+    return {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline", "z-image": "ZImagePipeline",
+            "flux2-klein": "Flux2KleinPipeline"}[name]
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux", "z-image"])
+@pytest.mark.parametrize("name", ["sd3", "flux", "z-image", "flux2-klein"])
 def test_resume_is_bitwise_exact(flow_paths, tmp_path, name):
     straight = flow_config(flow_paths[name], tmp_path / "straight", num_epochs=3)
     AlignPropTrainer(straight).train()
@@ -254,7 +258,7 @@ def test_resume_is_bitwise_exact(flow_paths, tmp_path, name):
 
 
 def test_tiny_pipeline_command_builds_each_family(tmp_path, capsys):
-    for family in ("sd3", "flux", "z-image"):
+    for family in ("sd3", "flux", "z-image", "flux2-klein"):
         assert main(["tiny-pipeline", str(tmp_path / family), "--family", family]) == 0
         index = json.loads((tmp_path / family / "model_index.json").read_text())
         assert index["_class_name"] == family_of_name(family)
@@ -362,3 +366,19 @@ def test_precision_rules_of_the_flow_families(flow_paths):
         with torch.autocast("cpu", dtype=torch.float16):
             decoded = family_of(pipe).decode(pipe, latents)
         assert decoded.dtype == torch.float32 and torch.isfinite(decoded).all()
+
+
+def test_lora_files_of_transformer_families_are_told_apart():
+    """mix writes and names the pipeline class of a LoRA from its module names (every flow family adapts a
+    ``transformer``)."""
+    from alignprop_core.families import family_for_lora
+
+    def family(*names):
+        return family_for_lora({"transformer": list(names)}).name
+
+    assert family("transformer_blocks.0.attn.to_q") == "sd3"
+    assert family("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_q") == "flux"
+    assert family("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_qkv_mlp_proj") == \
+        "flux2-klein"
+    assert family("layers.0.attention.to_q", "context_refiner.0.attention.to_k") == "z-image"
+    assert family_for_lora({"unet": ["down_blocks.0.attentions.0"]}).name == "sd"

@@ -13,12 +13,14 @@ from typing import Any, Iterable, Mapping, Optional
 from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.families.base import Evaluate, Family, PromptEmbeddings
 from alignprop_core.families.flux import FLUX, TINY_FLUX_MODEL_ID, FluxFamily, FluxPromptEmbeddings
+from alignprop_core.families.flux2_klein import FLUX2_KLEIN, TINY_FLUX2_KLEIN_MODEL_ID, Flux2KleinFamily
 from alignprop_core.families.sd import SD, TINY_MODEL_ID, StableDiffusionFamily
 from alignprop_core.families.sd3 import SD3, TINY_SD3_MODEL_ID, SD3PromptEmbeddings, StableDiffusion3Family
 from alignprop_core.families.sdxl import SDXL, TINY_SDXL_MODEL_ID, SDXLPromptEmbeddings, StableDiffusionXLFamily
 from alignprop_core.families.z_image import TINY_Z_IMAGE_MODEL_ID, Z_IMAGE, ZImageFamily, ZImagePromptEmbeddings
 
-__all__ = ["FAMILIES", "FLUX", "SD", "SD3", "SDXL", "TINY_FLUX_MODEL_ID", "TINY_MODEL_ID", "TINY_SD3_MODEL_ID",
+__all__ = ["FAMILIES", "FLUX", "FLUX2_KLEIN", "SD", "SD3", "SDXL", "TINY_FLUX2_KLEIN_MODEL_ID",
+           "Flux2KleinFamily", "TINY_FLUX_MODEL_ID", "TINY_MODEL_ID", "TINY_SD3_MODEL_ID",
            "TINY_SDXL_MODEL_ID", "Evaluate", "Family", "FluxFamily", "FluxPromptEmbeddings", "PromptEmbeddings",
            "SD3PromptEmbeddings", "SDXLPromptEmbeddings", "StableDiffusion3Family", "StableDiffusionFamily",
            "StableDiffusionXLFamily", "TINY_Z_IMAGE_MODEL_ID", "Z_IMAGE", "ZImageFamily", "ZImagePromptEmbeddings",
@@ -27,7 +29,7 @@ __all__ = ["FAMILIES", "FLUX", "SD", "SD3", "SDXL", "TINY_FLUX_MODEL_ID", "TINY_
            "supported_pipelines"]
 
 #: every family, in the order they are tried; the first is the default (LoRA files, ``save_lora``)
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SD3, FLUX, Z_IMAGE)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SD3, FLUX, FLUX2_KLEIN, Z_IMAGE)
 
 
 def supported_pipelines() -> str:

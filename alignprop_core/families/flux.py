@@ -49,8 +49,10 @@ class FluxFamily(FlowMatchFamily):
     models = ("vae", "text_encoder", "text_encoder_2", "transformer")
 
     def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
-        """FLUX's transformer has single-stream blocks, SD3's has none."""
-        return any(name.startswith("single_transformer_blocks.") for name in modules.get("transformer", []))
+        """FLUX.1's transformer has single-stream blocks (SD3's has none) without FLUX.2's fused projection."""
+        names = modules.get("transformer", [])
+        return (any(name.startswith("single_transformer_blocks.") for name in names)
+                and not any(name.endswith(".to_qkv_mlp_proj") for name in names))
 
     def default_size(self, pipe: Any) -> int:
         """The VAE's ``sample_size`` (1024 for FLUX.1), else the pipeline's default (1024)."""

@@ -41,8 +41,10 @@ class StableDiffusion3Family(FlowMatchFamily):
     models = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 
     def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
-        """SD3's transformer has only joint blocks (FLUX's also has ``single_transformer_blocks``)."""
-        return not any(name.startswith("single_transformer_blocks.") for name in modules.get("transformer", []))
+        """SD3's transformer has only joint ``transformer_blocks`` (FLUX's also has ``single_transformer_blocks``)."""
+        names = modules.get("transformer", [])
+        return (any(name.startswith("transformer_blocks.") for name in names)
+                and not any(name.startswith("single_transformer_blocks.") for name in names))
 
     def default_size(self, pipe: Any) -> int:
         return int(pipe.transformer.config.sample_size * pipe.vae_scale_factor)
