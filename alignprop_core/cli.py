@@ -139,10 +139,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_mix(args: argparse.Namespace) -> int:
     from alignprop_core.families import family_for_lora
+    from alignprop_core.lora_files import file_family
     from alignprop_core.mix import mix_loras, read_lora
 
     file = mix_loras(args.loras, args.weights, args.out, overwrite=args.overwrite)
-    pipeline = family_for_lora(read_lora(args.out)).pipeline_classes[0]  # the class whose loader reads the mix
+    pipeline = family_for_lora(read_lora(args.out), file_family(file)).pipeline_classes[0]  # whose loader reads it
     print(f"mixed LoRA written to {file}; load it with {pipeline}.load_lora_weights('{args.out}')")
     return 0
 

@@ -61,8 +61,8 @@ class AlignPropConfig:
     # --- model and data
     pretrained_model: str = _f(
         DEFAULT_MODEL,
-        "diffusers pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Z-Image): a hub id or a local "
-        "folder ('alignprop:tiny-sd', -sdxl, -sd3, -flux, -flux2-klein, -z-image = tiny random-weight models)")
+        "diffusers pipeline (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image): a hub id or a "
+        "local folder ('alignprop:tiny-sd', -sdxl, -sd3, -flux, -flux2-klein, -qwen-image, -z-image = tiny models)")
     pretrained_revision: str = _f("main", "hub revision of pretrained_model")
     rewards: list[RewardSpec] = _f(
         help="rewards to maximise, weighted sum: list of {name, weight, options}, or 'name:weight,name2:weight2'",
@@ -82,8 +82,8 @@ class AlignPropConfig:
                            "(flow_sde); unused by the other schedulers")
     sample_guidance_scale: float = _f(5.0, "classifier-free guidance scale (<= 1 disables guidance); FLUX: the "
                                       "embedded guidance of guidance-distilled models (FLUX.1-dev: 3.5)")
-    true_cfg_scale: float = _f(1.0, "FLUX only: true classifier-free guidance with negative_prompts (a second "
-                               "transformer pass per step) when > 1")
+    true_cfg_scale: float = _f(1.0, "FLUX.1 and Qwen-Image: true classifier-free guidance with negative_prompts "
+                               "(a second transformer pass per step) when > 1")
     truncation: str = _f("uniform", "truncated backprop: fixed (last truncation_k steps), uniform (K ~ U[min, max]), "
                          "gaussian (K ~ N(mean, std) clipped), none (all steps), draft_lv (K = 1 with draft_lv_n "
                          "re-noised copies of the last step); K drawn once per batch")
@@ -100,8 +100,8 @@ class AlignPropConfig:
                                       "activations")
     block_checkpointing: bool = _f(False, "also checkpoint each block inside the denoiser (less memory for one "
                                    "call's backward: large transformers at 1024 px), ~1 more forward per grad call")
-    vae_checkpointing: bool = _f(False, "recompute the VAE decode in backward instead of storing its activations "
-                                 "(where memory peaks at 1024 px)")
+    vae_checkpointing: bool = _f(False, "checkpoint each block of the VAE decoder (where memory peaks at 1024 px: "
+                                 "docs/flow-memory.md)")
     truncated_backprop_rand: Optional[bool] = _f(None, "TRL's spelling (translated to truncation*): true = uniform "
                                                  "K, false = fixed K; see docs/trl-migration.md")
     truncated_backprop_timestep: Optional[int] = _f(None, "TRL's spelling: with truncated_backprop_rand false, the "

@@ -39,14 +39,37 @@ def sorted_sets(value: Any) -> Any:
     return value
 
 
-def canonicalize_safetensors_header(path: Path) -> None:
-    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted. The safetensors writer keeps
-    metadata in a hash map whose order differs between processes (measured: six saves of the same tensors, six
-    different files), so identical LoRAs would not be byte-identical. Tensor entries and data are unchanged."""
+#: metadata key naming the family whose pipeline wrote a LoRA file, where the adapted components cannot tell (every
+#: flow-matching family adapts a ``transformer``)
+FAMILY_KEY = "alignprop_family"
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors file's JSON header (tensor entries and ``__metadata__``)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return json.loads(handle.read(length))
+
+
+def file_family(path: str | os.PathLike) -> str | None:
+    """The family name a LoRA file records (:data:`FAMILY_KEY`), or None (SD/SDXL files, files of other tools)."""
+    try:
+        return (read_header(path).get("__metadata__") or {}).get(FAMILY_KEY)
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def canonicalize_safetensors_header(path: Path, extra_metadata: dict[str, str] | None = None) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted (``extra_metadata`` added). The
+    safetensors writer keeps metadata in a hash map whose order differs between processes (measured: six saves of
+    the same tensors, six different files), so identical LoRAs would not be byte-identical. Tensor entries and data
+    are unchanged."""
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
         data = handle.read()
+    if extra_metadata:
+        header["__metadata__"] = {**header.get("__metadata__", {}), **extra_metadata}
     if "__metadata__" in header:
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()

@@ -27,6 +27,7 @@ import torch
 from alignprop_core.errors import ConfigError
 from alignprop_core.families import FAMILIES, family_for_lora, lora_components
 from alignprop_core.lora import LORA_WEIGHTS_NAME
+from alignprop_core.lora_files import file_family
 from alignprop_core.paths import check_output_dir
 
 #: pipeline components a LoRA file can hold: those of every family
@@ -199,9 +200,10 @@ def adapter_metadata(modules: dict[str, LoraModule]) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
 
 
-def save_modules(modules: dict[str, dict[str, LoraModule]], directory: str | os.PathLike) -> Path:
+def save_modules(modules: dict[str, dict[str, LoraModule]], directory: str | os.PathLike,
+                 recorded_family: Optional[str] = None) -> Path:
     """Write ``directory/pytorch_lora_weights.safetensors`` (diffusers format, with adapter metadata) through the
-    first family whose pipelines have every adapted component."""
+    family of the adapted modules (``recorded_family``: the one the source files record, if they agree)."""
     layers, metadata = {}, {}
     for component in COMPONENTS:
         if component not in modules:
@@ -213,7 +215,7 @@ def save_modules(modules: dict[str, dict[str, LoraModule]], directory: str | os.
             state[f"{name}.lora_B.weight"] = module.up.contiguous()
         layers[component] = state
         metadata[component] = adapter_metadata(modules[component])
-    family_for_lora(modules).save_lora_weights(directory, layers, metadata)
+    family_for_lora(modules, recorded_family).save_lora_weights(directory, layers, metadata)
     return Path(directory) / LORA_WEIGHTS_NAME
 
 
@@ -242,8 +244,9 @@ def mix_loras(directories: Sequence[str | os.PathLike], weights: Optional[Sequen
     loras = [read_lora(d) for d in directories]
     check_same_shapes(loras, directories)
     mixed = mix_modules(loras, weights)
+    recorded = {file_family(Path(d) / LORA_WEIGHTS_NAME) for d in directories}
     out.mkdir(parents=True, exist_ok=True)
-    file = save_modules(mixed, out)
+    file = save_modules(mixed, out, recorded.pop() if len(recorded) == 1 else None)
     info = {"method": "concatenate along the rank: delta = sum_i weight_i * alpha_i/rank_i * B_i @ A_i",
             "sources": [str(d) for d in directories], "weights": weights,
             "modules": {c: len(m) for c, m in mixed.items()},

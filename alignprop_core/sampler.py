@@ -59,7 +59,6 @@ def sample_images(
     gradient_checkpointing: bool = True,
     unet: Optional[torch.nn.Module] = None,
     draft_lv_n: int = 0,
-    vae_checkpointing: bool = False,
 ) -> torch.Tensor:
     """Run the denoising chain with ``pipe.scheduler`` and decode; returns float images ``[B, 3, height, width]``
     in ``[0, 1]`` (``[draft_lv_n * B, ...]`` with DRaFT-LV under grad: draw-major, each draw the whole batch).
@@ -71,8 +70,7 @@ def sample_images(
     level and repeats that last step on each with gradients (see :func:`_draft_lv_last_step`). ``unet`` (the
     denoiser) defaults to the family's (``pipe.unet``); pass the accelerate-prepared (DDP-wrapped) one when
     training so that gradients are synchronised across processes. With ``gradient_checkpointing`` each denoiser
-    call under grad stores only its inputs and is recomputed during backward; with ``vae_checkpointing`` the decode
-    too.
+    call under grad stores only its inputs and is recomputed during backward.
     """
     family = family_of(pipe)
     evaluate = _evaluator(family, unet if unet is not None else family.denoiser(pipe), gradient_checkpointing)
@@ -102,8 +100,6 @@ def sample_images(
         latents = _draft_lv_last_step(pipe, family, evaluate, before_last, latents, timesteps[-1], embeddings,
                                       draft_lv_n, height, width, guidance_scale, step_kwargs, generator)
     with torch.set_grad_enabled(grad and (grad_steps > 0 or lv)):
-        if vae_checkpointing and torch.is_grad_enabled():
-            return checkpoint(family.decode, pipe, latents, use_reentrant=False)
         return family.decode(pipe, latents)
 
 
@@ -122,6 +118,21 @@ def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing
         return family.call_denoiser(denoiser, model_input, t, kwargs)
 
     return evaluate
+
+
+def enable_inner_checkpointing(pipe: Any, denoiser: torch.nn.Module, blocks: bool, vae: bool) -> None:
+    """diffusers' own gradient checkpointing inside the models: per block of the denoiser (``blocks``; it acts inside
+    each recomputed call, so one call's backward holds one block's activations) and per up-block of the VAE decoder
+    (``vae``; where memory peaks at 1024 px). A VAE without it is a one-line :class:`ConfigError`."""
+    from alignprop_core.errors import ConfigError
+
+    if blocks:
+        denoiser.enable_gradient_checkpointing()
+    if vae:
+        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"vae_checkpointing: this model's VAE ({type(pipe.vae).__name__}) does not support "
+                              "gradient checkpointing; set vae_checkpointing false")
+        pipe.vae.enable_gradient_checkpointing()
 
 
 def draw_lv_noise(like: torch.Tensor, n: int,
@@ -168,5 +179,4 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
     return sample_images(pipe, embeddings, num_steps=config.sample_num_steps,
                          guidance_scale=config.sample_guidance_scale, eta=config.sample_eta, height=height, width=width,
                          grad_steps=grad_steps, generator=generator, unet=unet, draft_lv_n=draft_lv_n,
-                         gradient_checkpointing=config.gradient_checkpointing,
-                         vae_checkpointing=config.vae_checkpointing)
+                         gradient_checkpointing=config.gradient_checkpointing)

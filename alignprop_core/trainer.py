@@ -53,7 +53,7 @@ from alignprop_core.pipelines import (
 )
 from alignprop_core.preflight import preflight
 from alignprop_core.reward_set import RewardSet, reward_metrics
-from alignprop_core.sampler import draw_truncation_k, sample_prompts
+from alignprop_core.sampler import draw_truncation_k, enable_inner_checkpointing, sample_prompts
 from alignprop_core.seeding import derive_seed, draw_prompts
 from alignprop_core.signals import StopSignals, TrainingInterrupted
 from alignprop_core.trl_methods import TRLTrainerMethods
@@ -137,8 +137,7 @@ class AlignPropTrainer(TRLTrainerMethods):
             config.lora_target_modules = list(self.family.lora_target_modules)
         self.weights = TrainedWeights(self.family, self.use_lora)  # a LoRA, or the whole denoiser
         self.trainable_params = params = self.weights.attach(denoiser, config)
-        if config.block_checkpointing:  # diffusers' own per-block checkpointing, inside each recomputed call
-            denoiser.enable_gradient_checkpointing()
+        enable_inner_checkpointing(pipe, denoiser, config.block_checkpointing, config.vae_checkpointing)
         base_name = str(getattr(pipe, "name_or_path", None) or config.pretrained_model)
         self.state = TrainerState(run=checkpoints.run_description(config, self.use_lora, base_name, base_fingerprint))
         optimizer = make_optimizer(params, config)

@@ -1,5 +1,5 @@
-"""The tiny pipeline of every family (SD 1.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Z-Image): training step time and
-peak memory, same settings, side by side in one run.
+"""The tiny pipeline of every family (SD 1.x, SDXL, SD3, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image): training
+step time and peak memory, same settings, side by side in one run.
 
 Every tiny pipeline (``alignprop_core.tiny``; default size 128 px) trains with the same config through
 ``AlignPropTrainer`` (saturation reward, fp32, per-call gradient checkpointing on, the family's own scheduler;
@@ -10,7 +10,7 @@ reported time is the median ``step_time`` of the others, and with ``--repeats R`
 (the cases alternate between the models, so a busy machine hurts both alike). Run:
 
     .venv/bin/python bench/families.py [--steps 20] [--batch 2] [--epochs 4] [--repeats 2] [--cases k1,k5,all,lv2]
-        [--models sd,sdxl,sd3,flux,flux2-klein,z-image] [--json bench/results/families.json]
+        [--models sd,sdxl,sd3,flux,flux2-klein,qwen-image,z-image] [--json bench/results/families.json]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
         config = AlignPropConfig(pretrained_model=str(path), rewards="saturation", num_epochs=args.epochs,
                                  sample_num_steps=args.steps, train_batch_size=args.batch, mixed_precision="no",
                                  eval_num_samples=0, output_dir=str(Path(tmp) / "out"), save_freq=10**6,
-                                 scheduler=args.scheduler, **CASES[args.case])
+                                 scheduler=args.scheduler, resolution=128, **CASES[args.case])
         trainer = AlignPropTrainer(config)
         cuda = torch.cuda.is_available()
         if cuda:
@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="train_batch_size (default 2)")
     parser.add_argument("--epochs", type=int, default=4, help="optimizer steps per case, first one warm-up (4)")
     parser.add_argument("--scheduler", default="auto", help="default auto: each family's own")
-    parser.add_argument("--models", default="sd,sdxl,sd3,flux,flux2-klein,z-image", help="comma list of tiny families")
+    parser.add_argument("--models", default="sd,sdxl,sd3,flux,flux2-klein,qwen-image,z-image",
+                        help="comma list of tiny families")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=2, help="runs per case, the fastest reported (default 2)")

@@ -14,12 +14,14 @@ from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.families.base import Evaluate, Family, PromptEmbeddings
 from alignprop_core.families.flux import FLUX, TINY_FLUX_MODEL_ID, FluxFamily, FluxPromptEmbeddings
 from alignprop_core.families.flux2_klein import FLUX2_KLEIN, TINY_FLUX2_KLEIN_MODEL_ID, Flux2KleinFamily
+from alignprop_core.families.qwen_image import QWEN_IMAGE, TINY_QWEN_IMAGE_MODEL_ID, QwenImageFamily
 from alignprop_core.families.sd import SD, TINY_MODEL_ID, StableDiffusionFamily
 from alignprop_core.families.sd3 import SD3, TINY_SD3_MODEL_ID, SD3PromptEmbeddings, StableDiffusion3Family
 from alignprop_core.families.sdxl import SDXL, TINY_SDXL_MODEL_ID, SDXLPromptEmbeddings, StableDiffusionXLFamily
 from alignprop_core.families.z_image import TINY_Z_IMAGE_MODEL_ID, Z_IMAGE, ZImageFamily, ZImagePromptEmbeddings
 
-__all__ = ["FAMILIES", "FLUX", "FLUX2_KLEIN", "SD", "SD3", "SDXL", "TINY_FLUX2_KLEIN_MODEL_ID",
+__all__ = ["FAMILIES", "FLUX", "FLUX2_KLEIN", "QWEN_IMAGE", "SD", "SD3", "SDXL", "TINY_FLUX2_KLEIN_MODEL_ID",
+           "TINY_QWEN_IMAGE_MODEL_ID", "QwenImageFamily",
            "Flux2KleinFamily", "TINY_FLUX_MODEL_ID", "TINY_MODEL_ID", "TINY_SD3_MODEL_ID",
            "TINY_SDXL_MODEL_ID", "Evaluate", "Family", "FluxFamily", "FluxPromptEmbeddings", "PromptEmbeddings",
            "SD3PromptEmbeddings", "SDXLPromptEmbeddings", "StableDiffusion3Family", "StableDiffusionFamily",
@@ -29,7 +31,7 @@ __all__ = ["FAMILIES", "FLUX", "FLUX2_KLEIN", "SD", "SD3", "SDXL", "TINY_FLUX2_K
            "supported_pipelines"]
 
 #: every family, in the order they are tried; the first is the default (LoRA files, ``save_lora``)
-FAMILIES: tuple[Family, ...] = (SD, SDXL, SD3, FLUX, FLUX2_KLEIN, Z_IMAGE)
+FAMILIES: tuple[Family, ...] = (SD, SDXL, SD3, FLUX, FLUX2_KLEIN, QWEN_IMAGE, Z_IMAGE)
 
 
 def supported_pipelines() -> str:
@@ -81,14 +83,18 @@ def lora_components() -> tuple[str, ...]:
     return tuple(dict.fromkeys(c for family in FAMILIES for c in family.lora_components))
 
 
-def family_for_lora(modules: Iterable[str] | Mapping[str, Iterable[str]]) -> Family:
+def family_for_lora(modules: Iterable[str] | Mapping[str, Iterable[str]], recorded: Optional[str] = None) -> Family:
     """The family whose pipeline class writes and loads a LoRA adapting ``modules``: pipeline components (a LoRA
     file's key prefixes), or components -> adapted module names. Of the families whose pipelines have all the
-    components, the first that recognises the module names (SD3 and FLUX both adapt a ``transformer``)."""
+    components: the one the file records (``recorded``, see ``lora_files.file_family``), else the first that
+    recognises the module names (every flow family adapts a ``transformer``), else the first."""
     wanted = set(modules)
     candidates = [family for family in FAMILIES if wanted <= set(family.lora_components)]
     if not candidates:
         raise ConfigError(f"no supported pipeline has all of {sorted(wanted)}; supported: {supported_pipelines()}")
+    for family in candidates:
+        if family.name == recorded:
+            return family
     if isinstance(modules, Mapping):
         for family in candidates:
             if family.recognises_lora_modules({c: list(names) for c, names in modules.items()}):

@@ -101,6 +101,9 @@ class Family:
 
     #: the pipeline's models that ``prepare`` freezes and moves, in this order (absent ones skipped)
     models: tuple[str, ...] = ()
+    #: whether LoRA files record the family's name (``lora_files.FAMILY_KEY``): where other families adapt the same
+    #: components, so that ``mix`` and messages name the right pipeline class
+    tags_lora_files: bool = False
     #: whether a ``force_upcast`` VAE stays fp32 when the frozen weights are fp16 (it overflows in fp16)
     upcast_vae_in_fp16: bool = False
 
@@ -205,13 +208,18 @@ class Family:
     def save_lora_weights(self, directory: str | os.PathLike, layers: dict[str, dict[str, Any]],
                           metadata: dict[str, dict]) -> None:
         """Write ``{component: {key: tensor}}`` LoRA layers with their peft adapter configs through the family's
-        pipeline class ``save_lora_weights`` (diffusers' format, safetensors)."""
+        pipeline class ``save_lora_weights`` (diffusers' format, safetensors), byte-stable (sorted metadata), tagged
+        with the family name where :attr:`tags_lora_files`."""
         kwargs: dict[str, Any] = {}
         for component, state in layers.items():
             kwargs[f"{component}_lora_layers"] = state
             if component in metadata:
                 kwargs[f"{component}_lora_adapter_metadata"] = metadata[component]
         self.pipeline_class().save_lora_weights(save_directory=str(directory), safe_serialization=True, **kwargs)
+        from alignprop_core import lora_files
+
+        tag = {lora_files.FAMILY_KEY: self.name} if self.tags_lora_files else None
+        lora_files.canonicalize_safetensors_header(Path(directory) / lora_files.LORA_WEIGHTS_NAME, tag)
 
     def lora_state_dict(self, directory: str | os.PathLike, **kwargs: Any) -> Any:
         """The family pipeline class's ``lora_state_dict`` of a LoRA folder (what it returns, as it returns it)."""
@@ -226,7 +234,6 @@ class Family:
         config = lora_files.sorted_sets(denoiser.peft_config["default"].to_dict())
         self.save_lora_weights(directory, {self.denoiser_name: self.lora_layers(denoiser)},
                                {self.denoiser_name: config})
-        lora_files.canonicalize_safetensors_header(Path(directory) / lora_files.LORA_WEIGHTS_NAME)
 
     def lora_layers(self, denoiser: Any) -> dict[str, Any]:
         """The denoiser's LoRA weights with the key names its pipeline's ``save_lora_weights`` writes (UNets:

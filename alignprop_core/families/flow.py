@@ -22,6 +22,7 @@ class FlowMatchFamily(Family):
     scheduler_kind = "flow"
     default_mixed_precision = "bf16"  # fp16 overflows in T5 and in these transformers' activations
     upcast_vae_in_fp16 = True  # only with an explicit fp16: 16-channel VAEs overflow there
+    tags_lora_files = True  # every flow family adapts a "transformer"
 
     def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
         return {"generator": generator, "eta": eta}
