@@ -74,16 +74,29 @@ def test_run_refuses_a_missing_peer_with_one_line(tmp_path):
 
 
 def test_flow_gpu_cases_build_from_the_published_configs():
-    """The GPU bench's real-size FLUX.1-dev and SD3.5-medium pipelines build (meta device, no weights); without a GPU
-    a real run is one line, exit status 1."""
+    """The GPU bench's real-size pipelines (FLUX.1-dev, SD3.5-medium, FLUX.2 [klein] 4B, Qwen-Image, Z-Image-Turbo)
+    build from the published configs (meta device, no weights), with the published parameter counts; an unknown
+    model is one line, exit status 1."""
     proc = subprocess.run([sys.executable, str(BENCH / "flow_gpu.py"), "--dry-run"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {row["model"]: row["params_b"] for row in map(json.loads, proc.stdout.splitlines())}
+    assert list(rows) == ["flux1-dev", "sd35-medium", "flux2-klein-4b", "qwen-image", "z-image-turbo"]
     assert rows["flux1-dev"]["transformer"] == pytest.approx(11.90, abs=0.01)
     assert rows["flux1-dev"]["text_encoder_2"] == pytest.approx(4.76, abs=0.01)  # T5-XXL encoder
     assert set(rows["sd35-medium"]) == {"vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"}
+    # Published counts (safetensors totals quoted in public write-ups): klein 4B's transformer 3,875,544,576, its
+    # Qwen3-4B 4,022,468,096 and VAE 84,046,115; Qwen-Image's transformer 20,430,401,088, Qwen2.5-VL-7B
+    # 8,292,166,656, VAE 126,892,531; Z-Image-Turbo's transformer 6,154,908,736 (its Qwen3-4B as klein's).
+    for model, part, billions in [("flux2-klein-4b", "transformer", 3.876), ("flux2-klein-4b", "text_encoder", 4.022),
+                                  ("flux2-klein-4b", "vae", 0.084), ("qwen-image", "transformer", 20.430),
+                                  ("qwen-image", "text_encoder", 8.292), ("qwen-image", "vae", 0.127),
+                                  ("z-image-turbo", "transformer", 6.155), ("z-image-turbo", "text_encoder", 4.022)]:
+        assert rows[model][part] == pytest.approx(billions, rel=0.01), (model, part)
+    for model in ("flux2-klein-4b", "qwen-image", "z-image-turbo"):
+        assert set(rows[model]) == {"vae", "text_encoder", "transformer"}
     bad = subprocess.run([sys.executable, str(BENCH / "flow_gpu.py"), "--dry-run", "--models", "flux2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-        "error: --models: unknown 'flux2'; choose from flux1-dev, sd35-medium"]
+        "error: --models: unknown 'flux2'; choose from flux1-dev, sd35-medium, flux2-klein-4b, qwen-image, "
+        "z-image-turbo"]

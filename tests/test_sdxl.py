@@ -72,7 +72,8 @@ def test_unsupported_pipeline_family_is_one_clear_error_before_loading(tiny_sdxl
     with pytest.raises(ConfigError, match=r"^pretrained_model: '.*sana' is a SanaPipeline, which alignprop cannot "
                        r"train; supported: StableDiffusionPipeline \(SD 1.x/2.x\), StableDiffusionXLPipeline \(SDXL\), "
                        r"StableDiffusion3Pipeline \(SD3, SD3.5\), FluxPipeline \(FLUX.1\), "
-                       r"Flux2KleinPipeline \(FLUX.2 \[klein\]\), ZImagePipeline \(Z-Image\)$"):
+                       r"Flux2KleinPipeline \(FLUX.2 \[klein\]\), QwenImagePipeline \(Qwen-Image\), "
+                       r"ZImagePipeline \(Z-Image\)$"):
         AlignPropTrainer(sdxl_config(pretrained_model=str(folder)))
     with pytest.raises(AlignPropError, match="is a Module, which alignprop cannot train; supported:"):
         family_of(torch.nn.Module())
