@@ -24,6 +24,34 @@ class FlowMatchFamily(Family):
     upcast_vae_in_fp16 = True  # only with an explicit fp16: 16-channel VAEs overflow there
     tags_lora_files = True  # every flow family adapts a "transformer"
 
+    #: ``max_shift`` when the scheduler config has none, as the family's pipeline defaults it (SD3's is 1.16)
+    default_max_shift: float = 1.15
+
+    def size_multiple(self, pipe: Any) -> int:
+        return int(pipe.vae_scale_factor * 2)  # latents are packed (or patchified) in 2x2 patches
+
+    def token_grid(self, pipe: Any, height: int, width: int) -> tuple[int, int]:
+        """Rows and columns of image tokens (2x2 latent patches) for an image of ``height`` x ``width`` pixels."""
+        factor = pipe.vae_scale_factor * 2
+        return height // factor, width // factor
+
+    def resolution_shift(self, pipe: Any, image_tokens: int) -> float:
+        """The pipelines' ``calculate_shift``: ``mu`` for dynamic shifting, from the scheduler config."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift  # the same copy in every flow pipeline
+
+        config = pipe.scheduler.config
+        return calculate_shift(image_tokens, config.get("base_image_seq_len", 256),
+                               config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                               config.get("max_shift", self.default_max_shift))
+
+    def start_chain(self, pipe: Any, num_steps: int, device: Any, sigmas: Any, mu: Any) -> Any:
+        """``retrieve_timesteps`` with the pipeline's sigmas and ``mu``, begin index 0; returns the timesteps."""
+        from diffusers.pipelines.flux.pipeline_flux import retrieve_timesteps
+
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+        pipe.scheduler.set_begin_index(0)
+        return timesteps
+
     def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
         return {"generator": generator, "eta": eta}
 

@@ -58,9 +58,6 @@ class FluxFamily(FlowMatchFamily):
         """The VAE's ``sample_size`` (1024 for FLUX.1), else the pipeline's default (1024)."""
         return int(getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor)
 
-    def size_multiple(self, pipe: Any) -> int:
-        return int(pipe.vae_scale_factor * 2)  # latents are packed in 2x2 patches
-
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> FluxPromptEmbeddings:
         import torch
@@ -80,18 +77,9 @@ class FluxFamily(FlowMatchFamily):
         return FluxPromptEmbeddings(positive, negative, pooled, negative_pooled, guidance, cfg)
 
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-        scheduler = pipe.scheduler
-        factor = pipe.vae_scale_factor * 2
-        seq_len = (height // factor) * (width // factor)
-        mu = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
-                             scheduler.config.get("max_shift", 1.15))
-        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else flow_sigmas(num_steps)
-        timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return timesteps
+        rows, cols = self.token_grid(pipe, height, width)
+        sigmas = None if pipe.scheduler.config.get("use_flow_sigmas", False) else flow_sigmas(num_steps)
+        return self.start_chain(pipe, num_steps, device, sigmas, self.resolution_shift(pipe, rows * cols))
 
     def initial_latents(self, pipe: Any, batch: int, height: int, width: int, dtype: Any, device: Any,
                         generator: Any) -> Any:
@@ -103,9 +91,8 @@ class FluxFamily(FlowMatchFamily):
         import torch
 
         positive = embeddings.positive
-        factor = pipe.vae_scale_factor * 2
-        image_ids = pipe._prepare_latent_image_ids(positive.shape[0], height // factor, width // factor,
-                                                   positive.device, positive.dtype)
+        rows, cols = self.token_grid(pipe, height, width)
+        image_ids = pipe._prepare_latent_image_ids(positive.shape[0], rows, cols, positive.device, positive.dtype)
         text_ids = torch.zeros(positive.shape[1], 3, device=positive.device, dtype=positive.dtype)
         shared = {"guidance": embeddings.guidance, "img_ids": image_ids, "txt_ids": text_ids}
         kwargs = {"positive": {**shared, "encoder_hidden_states": positive,

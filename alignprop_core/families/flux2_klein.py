@@ -40,9 +40,6 @@ class Flux2KleinFamily(FlowMatchFamily):
     def default_size(self, pipe: Any) -> int:
         return int(getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor)
 
-    def size_multiple(self, pipe: Any) -> int:
-        return int(pipe.vae_scale_factor * 2)
-
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> PromptEmbeddings:
         import torch
@@ -56,29 +53,24 @@ class Flux2KleinFamily(FlowMatchFamily):
         return PromptEmbeddings(positive, negative)
 
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
-        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu, retrieve_timesteps
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
 
-        scheduler = pipe.scheduler
-        factor = pipe.vae_scale_factor * 2
-        mu = compute_empirical_mu(image_seq_len=(height // factor) * (width // factor), num_steps=num_steps)
-        sigmas = None if scheduler.config.get("use_flow_sigmas", False) else flow_sigmas(num_steps)
-        timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        return timesteps
+        rows, cols = self.token_grid(pipe, height, width)
+        sigmas = None if pipe.scheduler.config.get("use_flow_sigmas", False) else flow_sigmas(num_steps)
+        return self.start_chain(pipe, num_steps, device, sigmas,
+                                compute_empirical_mu(image_seq_len=rows * cols, num_steps=num_steps))
 
     def initial_latents(self, pipe: Any, batch: int, height: int, width: int, dtype: Any, device: Any,
                         generator: Any) -> Any:
         packed, _ = pipe.prepare_latents(batch, pipe.transformer.config.in_channels // 4, height, width, dtype,
                                          device, generator)
-        factor = pipe.vae_scale_factor * 2
-        return _unpack(packed, height // factor, width // factor)
+        return _unpack(packed, *self.token_grid(pipe, height, width))
 
     def denoiser_kwargs(self, pipe: Any, embeddings: PromptEmbeddings, height: int, width: int) -> dict[str, Any]:
         import torch
 
         positive = embeddings.positive
-        factor = pipe.vae_scale_factor * 2
-        grid = torch.empty(positive.shape[0], 1, height // factor, width // factor)
+        grid = torch.empty(positive.shape[0], 1, *self.token_grid(pipe, height, width))
         shared = {"guidance": None, "img_ids": pipe._prepare_latent_ids(grid).to(positive.device)}
         kwargs = {"positive": {**shared, "encoder_hidden_states": positive,
                                "txt_ids": pipe._prepare_text_ids(positive).to(positive.device)}}

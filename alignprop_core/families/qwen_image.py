@@ -56,9 +56,6 @@ class QwenImageFamily(FlowMatchFamily):
     def default_size(self, pipe: Any) -> int:
         return int(pipe.default_sample_size * pipe.vae_scale_factor)
 
-    def size_multiple(self, pipe: Any) -> int:
-        return int(pipe.vae_scale_factor * 2)
-
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> QwenImagePromptEmbeddings:
         import torch
@@ -83,16 +80,9 @@ class QwenImageFamily(FlowMatchFamily):
         return QwenImagePromptEmbeddings(positive, negative, mask, negative_mask, guidance, cfg)
 
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift, retrieve_timesteps
-
-        scheduler = pipe.scheduler
-        factor = pipe.vae_scale_factor * 2
-        mu = calculate_shift((height // factor) * (width // factor), scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
-                             scheduler.config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=flow_sigmas(num_steps), mu=mu)
-        scheduler.set_begin_index(0)
-        return timesteps
+        rows, cols = self.token_grid(pipe, height, width)
+        return self.start_chain(pipe, num_steps, device, flow_sigmas(num_steps),
+                                self.resolution_shift(pipe, rows * cols))
 
     def initial_latents(self, pipe: Any, batch: int, height: int, width: int, dtype: Any, device: Any,
                         generator: Any) -> Any:
@@ -102,9 +92,8 @@ class QwenImageFamily(FlowMatchFamily):
 
     def denoiser_kwargs(self, pipe: Any, embeddings: QwenImagePromptEmbeddings, height: int,
                         width: int) -> dict[str, Any]:
-        factor = pipe.vae_scale_factor * 2
         shared = {"guidance": embeddings.guidance,
-                  "img_shapes": [[(1, height // factor, width // factor)]] * embeddings.positive.shape[0]}
+                  "img_shapes": [[(1, *self.token_grid(pipe, height, width))]] * embeddings.positive.shape[0]}
 
         def mask_or_none(mask: Any) -> Any:
             return None if mask.all() else mask  # as encode_prompt: no mask when nothing is padded

@@ -38,6 +38,7 @@ class StableDiffusion3Family(FlowMatchFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                            "to_add_out")
     tiny_id = TINY_SD3_MODEL_ID
+    default_max_shift = 1.16  # StableDiffusion3Pipeline's
     models = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")
 
     def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
@@ -69,14 +70,9 @@ class StableDiffusion3Family(FlowMatchFamily):
         scheduler = pipe.scheduler
         kwargs = {}
         if scheduler.config.get("use_dynamic_shifting", None):
-            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
             patch = pipe.transformer.config.patch_size
-            seq_len = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
-            kwargs["mu"] = calculate_shift(seq_len, scheduler.config.get("base_image_seq_len", 256),
-                                           scheduler.config.get("max_image_seq_len", 4096),
-                                           scheduler.config.get("base_shift", 0.5),
-                                           scheduler.config.get("max_shift", 1.16))
+            tokens = (height // pipe.vae_scale_factor // patch) * (width // pipe.vae_scale_factor // patch)
+            kwargs["mu"] = self.resolution_shift(pipe, tokens)
         scheduler.set_timesteps(num_steps, device=device, **kwargs)
         scheduler.set_begin_index(0)
         return scheduler.timesteps

@@ -53,9 +53,6 @@ class ZImageFamily(FlowMatchFamily):
     def default_size(self, pipe: Any) -> int:
         return int(getattr(pipe.vae.config, "sample_size", None) or 1024)
 
-    def size_multiple(self, pipe: Any) -> int:
-        return int(pipe.vae_scale_factor * 2)
-
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> ZImagePromptEmbeddings:
         import torch
@@ -72,16 +69,9 @@ class ZImageFamily(FlowMatchFamily):
         return ZImagePromptEmbeddings(padded, negative_padded, lengths, negative_lengths)
 
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, retrieve_timesteps
-
-        scheduler = pipe.scheduler
-        factor = pipe.vae_scale_factor * 2
-        mu = calculate_shift((height // factor) * (width // factor), scheduler.config.get("base_image_seq_len", 256),
-                             scheduler.config.get("max_image_seq_len", 4096), scheduler.config.get("base_shift", 0.5),
-                             scheduler.config.get("max_shift", 1.15))
-        timesteps, _ = retrieve_timesteps(scheduler, num_steps, device, sigmas=list(flow_sigmas(num_steps)), mu=mu)
-        scheduler.set_begin_index(0)
-        return timesteps
+        rows, cols = self.token_grid(pipe, height, width)
+        return self.start_chain(pipe, num_steps, device, list(flow_sigmas(num_steps)),
+                                self.resolution_shift(pipe, rows * cols))
 
     def initial_latents(self, pipe: Any, batch: int, height: int, width: int, dtype: Any, device: Any,
                         generator: Any) -> Any:
