@@ -18,6 +18,9 @@ from alignprop_core.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+#: attention projections that get LoRA adapters by default (diffusers' names, peft suffix matching)
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
 #: ``evaluate(model_input, t, denoiser_kwargs) -> prediction``: one denoiser call, given by the sampler (which
 #: decides about gradient checkpointing).
 Evaluate = Callable[["torch.Tensor", "torch.Tensor", dict], "torch.Tensor"]

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignprop_core.families.base import Family
+from alignprop_core.families.base import ATTENTION_TARGETS, Family
+
+#: the joint (MMDiT) blocks' projections of both streams: image (``to_*``) and text (``add_*``, ``to_add_out``)
+JOINT_ATTENTION_TARGETS = ATTENTION_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
 class FlowMatchFamily(Family):
@@ -29,6 +32,11 @@ class FlowMatchFamily(Family):
 
     def size_multiple(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor * 2)  # latents are packed (or patchified) in 2x2 patches
+
+    def default_size(self, pipe: Any) -> int:
+        """The VAE's ``sample_size`` (1024 for the published models), else the pipeline's default (128 x 8)."""
+        return int(getattr(pipe.vae.config, "sample_size", None)
+                   or getattr(pipe, "default_sample_size", 128) * pipe.vae_scale_factor)
 
     def token_grid(self, pipe: Any, height: int, width: int) -> tuple[int, int]:
         """Rows and columns of image tokens (2x2 latent patches) for an image of ``height`` x ``width`` pixels."""
@@ -72,8 +80,7 @@ class FlowMatchFamily(Family):
                                and torch.get_autocast_dtype(device_type) == torch.float16)
         with torch.autocast(device_type, enabled=False) if fp32_vae_under_fp16 else contextlib.nullcontext():
             decoded = vae.decode(scaled.to(vae.dtype), return_dict=False)[0]
-        decoded = decoded.to(torch.promote_types(decoded.dtype, torch.float32))  # fp32, or fp64 for a fp64 check
-        return (decoded / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(decoded)
 
     # ------------------------------------------------------------------ LoRA files (peft key names)
 
@@ -84,6 +91,13 @@ class FlowMatchFamily(Family):
 
     def peft_keys(self, state: dict[str, Any]) -> dict[str, Any]:
         return state  # the transformer loaders' files are in peft format already
+
+
+def to_unit_range(decoded: Any) -> Any:
+    """A VAE's ``[-1, 1]`` output as float images in ``[0, 1]`` (fp32, or fp64 for a float64 gradient check)."""
+    import torch
+
+    return (decoded.to(torch.promote_types(decoded.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)
 
 
 def flow_sigmas(num_steps: int) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from alignprop_core.families.base import Evaluate, PromptEmbeddings
-from alignprop_core.families.flow import FlowMatchFamily, flow_sigmas
+from alignprop_core.families.flow import JOINT_ATTENTION_TARGETS, FlowMatchFamily, flow_sigmas
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +43,7 @@ class FluxFamily(FlowMatchFamily):
     description = "FLUX.1"
     pipeline_classes = ("FluxPipeline",)
     lora_components = ("transformer", "text_encoder")
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                           "to_add_out")
+    lora_target_modules = JOINT_ATTENTION_TARGETS
     tiny_id = TINY_FLUX_MODEL_ID
     models = ("vae", "text_encoder", "text_encoder_2", "transformer")
 
@@ -53,10 +52,6 @@ class FluxFamily(FlowMatchFamily):
         names = modules.get("transformer", [])
         return (any(name.startswith("single_transformer_blocks.") for name in names)
                 and not any(name.endswith(".to_qkv_mlp_proj") for name in names))
-
-    def default_size(self, pipe: Any) -> int:
-        """The VAE's ``sample_size`` (1024 for FLUX.1), else the pipeline's default (1024)."""
-        return int(getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor)
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> FluxPromptEmbeddings:

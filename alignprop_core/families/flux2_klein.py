@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from alignprop_core.families.base import Evaluate, PromptEmbeddings
-from alignprop_core.families.flow import FlowMatchFamily, flow_sigmas
+from alignprop_core.families.flow import JOINT_ATTENTION_TARGETS, FlowMatchFamily, flow_sigmas, to_unit_range
 
 TINY_FLUX2_KLEIN_MODEL_ID = "alignprop:tiny-flux2-klein"
 
@@ -28,17 +28,13 @@ class Flux2KleinFamily(FlowMatchFamily):
     pipeline_classes = ("Flux2KleinPipeline",)
     lora_components = ("transformer",)
     #: the double blocks' attention projections and the single blocks' fused qkv+MLP input (most of the model)
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                           "to_add_out", "to_qkv_mlp_proj")
+    lora_target_modules = JOINT_ATTENTION_TARGETS + ("to_qkv_mlp_proj",)
     tiny_id = TINY_FLUX2_KLEIN_MODEL_ID
     models = ("vae", "text_encoder", "transformer")
 
     def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
         """FLUX.2's single-stream blocks fuse q, k, v and the MLP input into ``to_qkv_mlp_proj``."""
         return any(name.endswith(".to_qkv_mlp_proj") for name in modules.get("transformer", []))
-
-    def default_size(self, pipe: Any) -> int:
-        return int(getattr(pipe.vae.config, "sample_size", None) or pipe.default_sample_size * pipe.vae_scale_factor)
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> PromptEmbeddings:
@@ -104,9 +100,7 @@ class Flux2KleinFamily(FlowMatchFamily):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                             latents.dtype)
         latents = pipe._unpatchify_latents(latents * std + mean)
-        decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-        decoded = decoded.to(torch.promote_types(decoded.dtype, torch.float32))
-        return (decoded / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(vae.decode(latents.to(vae.dtype), return_dict=False)[0])
 
     def build_tiny(self, path: str | os.PathLike, seed: int = 0, sample_size: int = 16) -> Path:
         """Build a tiny FLUX.2 [klein] pipeline with random weights (seeded) and save it to ``path``.

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from alignprop_core.families.base import Evaluate, PromptEmbeddings
-from alignprop_core.families.flow import FlowMatchFamily, flow_sigmas
+from alignprop_core.families.flow import JOINT_ATTENTION_TARGETS, FlowMatchFamily, flow_sigmas, to_unit_range
 
 if TYPE_CHECKING:
     import torch
@@ -43,8 +43,7 @@ class QwenImageFamily(FlowMatchFamily):
     description = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
     lora_components = ("transformer",)
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                           "to_add_out")
+    lora_target_modules = JOINT_ATTENTION_TARGETS
     tiny_id = TINY_QWEN_IMAGE_MODEL_ID
     models = ("vae", "text_encoder", "transformer")
 
@@ -52,9 +51,6 @@ class QwenImageFamily(FlowMatchFamily):
         """Qwen-Image's blocks are ``transformer_blocks.N.attn`` with ``img_mlp``/``txt_mlp`` (no single blocks)."""
         return any(".img_mlp." in name or ".txt_mlp." in name or name.endswith((".img_mod.1", ".txt_mod.1"))
                    for name in modules.get("transformer", []))
-
-    def default_size(self, pipe: Any) -> int:
-        return int(pipe.default_sample_size * pipe.vae_scale_factor)
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> QwenImagePromptEmbeddings:
@@ -131,9 +127,7 @@ class QwenImageFamily(FlowMatchFamily):
         frames = latents.unsqueeze(2).to(vae.dtype)
         mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(frames)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(frames)
-        decoded = vae.decode(frames / inverse_std + mean, return_dict=False)[0][:, :, 0]
-        decoded = decoded.to(torch.promote_types(decoded.dtype, torch.float32))
-        return (decoded / 2 + 0.5).clamp(0, 1)
+        return to_unit_range(vae.decode(frames / inverse_std + mean, return_dict=False)[0][:, :, 0])
 
     def build_tiny(self, path: str | os.PathLike, seed: int = 0, sample_size: int = 16) -> Path:
         """Build a tiny Qwen-Image pipeline with random weights (seeded) and save it to ``path``.

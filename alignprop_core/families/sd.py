@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from alignprop_core.families.base import Evaluate, Family, PromptEmbeddings
+from alignprop_core.families.base import ATTENTION_TARGETS, Evaluate, Family, PromptEmbeddings
 
 TINY_MODEL_ID = "alignprop:tiny-sd"
 
@@ -25,7 +25,7 @@ class StableDiffusionFamily(Family):
     description = "SD 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)  # SD 2.x checkpoints are StableDiffusionPipeline too
     lora_components = ("unet", "text_encoder")
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_target_modules = ATTENTION_TARGETS
     tiny_id = TINY_MODEL_ID
     models = ("vae", "text_encoder", "unet")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from alignprop_core.families.base import Evaluate, PromptEmbeddings
-from alignprop_core.families.flow import FlowMatchFamily
+from alignprop_core.families.flow import JOINT_ATTENTION_TARGETS, FlowMatchFamily
 
 if TYPE_CHECKING:
     import torch
@@ -35,8 +35,7 @@ class StableDiffusion3Family(FlowMatchFamily):
     description = "SD3, SD3.5"
     pipeline_classes = ("StableDiffusion3Pipeline",)
     lora_components = ("transformer", "text_encoder", "text_encoder_2")
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
-                           "to_add_out")
+    lora_target_modules = JOINT_ATTENTION_TARGETS
     tiny_id = TINY_SD3_MODEL_ID
     default_max_shift = 1.16  # StableDiffusion3Pipeline's
     models = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer")

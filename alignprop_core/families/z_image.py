@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from alignprop_core.families.base import Evaluate, PromptEmbeddings
+from alignprop_core.families.base import ATTENTION_TARGETS, Evaluate, PromptEmbeddings
 from alignprop_core.families.flow import FlowMatchFamily, flow_sigmas
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class ZImageFamily(FlowMatchFamily):
     description = "Z-Image"
     pipeline_classes = ("ZImagePipeline",)
     lora_components = ("transformer",)
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    lora_target_modules = ATTENTION_TARGETS
     tiny_id = TINY_Z_IMAGE_MODEL_ID
     models = ("vae", "text_encoder", "transformer")
 
@@ -49,9 +49,6 @@ class ZImageFamily(FlowMatchFamily):
         """Z-Image's transformer has ``layers``, ``noise_refiner`` and ``context_refiner`` blocks."""
         return any(name.startswith(("layers.", "noise_refiner.", "context_refiner."))
                    for name in modules.get("transformer", []))
-
-    def default_size(self, pipe: Any) -> int:
-        return int(getattr(pipe.vae.config, "sample_size", None) or 1024)
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> ZImagePromptEmbeddings:
