@@ -71,6 +71,8 @@ class AlignPropConfig:
                              "nouns_activities, counting, from_file)",
                              factory=lambda: PluginSpec("simple_animals"))
     negative_prompts: Optional[str] = _f(None, "negative prompt used for classifier-free guidance")
+    prompt_cache_size: int = _f(64, "distinct prompts whose text embeddings are kept (least recently used out; each "
+                                "encoded alone); 0 = encode every batch together, as the pipeline does")
     resolution: Optional[int] = _f(None, "square image size in pixels (default: the model's own)")
     height: Optional[int] = _f(None, "image height in pixels, overrides resolution (multiple of the VAE factor)")
     width: Optional[int] = _f(None, "image width in pixels, overrides resolution (multiple of the VAE factor)")
@@ -289,7 +291,8 @@ class AlignPropConfig:
         for name in ("num_epochs", "train_batch_size", "train_gradient_accumulation_steps", "save_freq",
                      "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        require(self.eval_num_samples >= 0, "eval_num_samples", self.eval_num_samples, "an integer >= 0")
+        for name in ("eval_num_samples", "prompt_cache_size"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         for name in ("seed", "eval_seed"):
             require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
         require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,

@@ -28,6 +28,7 @@ from alignprop_core.lora import LORA_WEIGHTS_NAME
 from alignprop_core.pages import eval_html, format_table, image_grid
 from alignprop_core.paths import check_output_dir
 from alignprop_core.pipelines import image_size, inference_device, load_inference_pipeline  # noqa: F401
+from alignprop_core.prompt_cache import forget
 from alignprop_core.reward_set import RewardSet
 from alignprop_core.sampler import sample_prompts
 from alignprop_core.seeding import draw_prompts, eval_seeds
@@ -121,6 +122,7 @@ def lora_loaded(pipe: Any, directory: Optional[str | os.PathLike], scale: float 
     quiet = _DropMessages("No LoRA keys associated to")  # our LoRAs adapt only the UNet: not worth a warning
     diffusers_logger = logging.getLogger("diffusers.loaders.lora_base")
     diffusers_logger.addFilter(quiet)
+    forget(pipe)  # the file may adapt the text encoders: cached prompt embeddings would be stale
     try:
         pipe.load_lora_weights(str(directory), adapter_name="alignprop_eval")
     except Exception as exc:  # wrong architecture, broken file, ...
@@ -135,6 +137,7 @@ def lora_loaded(pipe: Any, directory: Optional[str | os.PathLike], scale: float 
         yield
     finally:
         pipe.unload_lora_weights()
+        forget(pipe)
 
 
 # ---------------------------------------------------------------------- sampling and scoring

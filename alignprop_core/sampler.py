@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignprop_core.families import Evaluate, Family, PromptEmbeddings, family_of
+from alignprop_core.prompt_cache import cache_for
 
 if TYPE_CHECKING:
     from alignprop_core.config import AlignPropConfig
@@ -173,9 +174,10 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
                    device: torch.device, generator: Optional[torch.Generator | list[torch.Generator]] = None,
                    grad_steps: int = 0, unet: Optional[torch.nn.Module] = None, draft_lv_n: int = 0) -> torch.Tensor:
     """Encode ``prompts`` (with the config's negative prompt and guidance) and sample them with the config's sampling
-    settings: the one encode-then-sample path of training, eval, sample and the trainer's ``generate``."""
-    embeddings = encode_prompts(pipe, prompts, config.negative_prompts, config.sample_guidance_scale, device,
-                                config.true_cfg_scale)
+    settings: the one encode-then-sample path of training, eval, sample and the trainer's ``generate``. The
+    embeddings come from the pipeline's :mod:`~alignprop_core.prompt_cache` (``config.prompt_cache_size``)."""
+    embeddings = cache_for(pipe, config.prompt_cache_size).encode(
+        pipe, prompts, config.negative_prompts, config.sample_guidance_scale, device, config.true_cfg_scale)
     return sample_images(pipe, embeddings, num_steps=config.sample_num_steps,
                          guidance_scale=config.sample_guidance_scale, eta=config.sample_eta, height=height, width=width,
                          grad_steps=grad_steps, generator=generator, unet=unet, draft_lv_n=draft_lv_n,

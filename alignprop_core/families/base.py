@@ -170,6 +170,17 @@ class Family:
         pass (``guidance_scale > 1`` for CFG families; FLUX: ``true_cfg_scale > 1`` with a negative prompt)."""
         raise NotImplementedError
 
+    def join_embeddings(self, rows: list[PromptEmbeddings]) -> PromptEmbeddings:
+        """One batch from one-prompt embeddings (``encode_prompts`` of one prompt each), as ``encode_prompts`` of
+        the whole batch lays it out; fixed-length families concatenate every field."""
+        import torch
+
+        def join(name: str) -> Optional[torch.Tensor]:
+            parts = [getattr(row, name) for row in rows]
+            return None if parts[0] is None else torch.cat(parts)
+
+        return type(rows[0])(*(join(f.name) for f in fields(rows[0])))
+
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
         """Reset ``pipe.scheduler`` for a new chain of ``num_steps`` evaluations; returns its timesteps."""
         raise NotImplementedError

@@ -75,6 +75,32 @@ class QwenImageFamily(FlowMatchFamily):
             guidance = torch.full([batch], float(guidance_scale), device=device, dtype=torch.float32)
         return QwenImagePromptEmbeddings(positive, negative, mask, negative_mask, guidance, cfg)
 
+    def join_embeddings(self, rows: list[QwenImagePromptEmbeddings]) -> QwenImagePromptEmbeddings:
+        """Each prompt's unpadded states, zero-padded to the batch's longest with mask 0, as ``encode_prompt`` pads
+        a batch."""
+        import torch
+        from torch.nn.utils.rnn import pad_sequence
+
+        def join(field: str, mask_field: str) -> tuple[Any, Any]:
+            if getattr(rows[0], field) is None:
+                return None, None
+            states, masks = [], []
+            for row in rows:
+                for row_states, row_mask in zip(getattr(row, field), getattr(row, mask_field)):
+                    length = int(row_mask.sum())  # right-padded: the valid tokens come first
+                    states.append(row_states[:length])
+                    masks.append(row_mask[:length])
+            return pad_sequence(states, batch_first=True), pad_sequence(masks, batch_first=True)
+
+        positive, mask = join("positive", "mask")
+        negative, negative_mask = join("negative", "negative_mask")
+
+        def cat(field: str) -> Optional[torch.Tensor]:
+            return None if getattr(rows[0], field) is None else torch.cat([getattr(row, field) for row in rows])
+
+        return QwenImagePromptEmbeddings(positive, negative, mask, negative_mask, cat("guidance"),
+                                         cat("true_cfg_scale"))
+
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
         rows, cols = self.token_grid(pipe, height, width)
         return self.start_chain(pipe, num_steps, device, flow_sigmas(num_steps),

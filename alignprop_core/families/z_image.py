@@ -65,6 +65,19 @@ class ZImageFamily(FlowMatchFamily):
         negative_padded, negative_lengths = _pad(negative)
         return ZImagePromptEmbeddings(padded, negative_padded, lengths, negative_lengths)
 
+    def join_embeddings(self, rows: list[ZImagePromptEmbeddings]) -> ZImagePromptEmbeddings:
+        """Each caption without its padding, padded again to the batch's longest (as ``encode_prompts`` pads)."""
+
+        def join(field: str, lengths: str) -> tuple[Any, Any]:
+            if getattr(rows[0], field) is None:
+                return None, None
+            captions = [caption for row in rows for caption in _unpad(getattr(row, field), getattr(row, lengths))]
+            return _pad(captions)
+
+        positive, positive_lengths = join("positive", "lengths")
+        negative, negative_lengths = join("negative", "negative_lengths")
+        return ZImagePromptEmbeddings(positive, negative, positive_lengths, negative_lengths)
+
     def set_timesteps(self, pipe: Any, num_steps: int, device: Any, height: int, width: int) -> Any:
         rows, cols = self.token_grid(pipe, height, width)
         return self.start_chain(pipe, num_steps, device, list(flow_sigmas(num_steps)),
