@@ -12,8 +12,8 @@ from typing import Optional
 from alignprop_core.checkpoints import finite
 
 #: training metrics charted after the rewards: (metrics.jsonl key, chart title)
-_METRIC_CHARTS = (("loss", "loss"), ("grad_norm", "grad norm (before clipping)"), ("k", "K (backprop steps)"),
-                  ("step_time", "step time (s)"))
+_METRIC_CHARTS = (("loss", "loss"), ("kl", "KL to the base model"), ("grad_norm", "grad norm (before clipping)"),
+                  ("k", "K (backprop steps)"), ("step_time", "step time (s)"))
 
 
 def metric_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
@@ -29,6 +29,23 @@ def metric_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     series.update({name: points(f"reward/{name}_mean") for name in components})
     series.update({title: points(key) for key, title in _METRIC_CHARTS})
     return {title: values for title, values in series.items() if values}
+
+
+def eval_series(evals: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """``{"eval: <measure>": [(step, value), ...]}`` from metrics.jsonl eval rows (every round: before, each
+    ``eval_freq`` step, after): the training and held-out rewards and diversity, so hacking shows as the training
+    reward rising while the others fall; a resumed run's repeated round counts once."""
+    rounds = {(int(row["step"]), str(row.get("eval"))): row for row in evals}
+    ordered = [rounds[key] for key in sorted(rounds, key=lambda k: (k[0], k[1] != "before"))]
+    keys = list(dict.fromkeys(key for row in ordered for key in row
+                              if key.startswith("eval/") and (key.endswith("_mean") or "/diversity" in key)))
+    series = {}
+    for key in keys:
+        name = key[len("eval/"):].removesuffix("_mean")
+        points = [(int(row["step"]), value) for row in ordered if (value := finite(row.get(key))) is not None]
+        if len(points) > 1:
+            series[f"eval: {'weighted reward' if name == 'reward' else name.replace('_', ' ')}"] = points
+    return series
 
 
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
@@ -84,13 +101,21 @@ def _thin(points: list[tuple[int, float]], limit: int = 600) -> list[tuple[int, 
     return kept
 
 
-def _chart_svg(name: str, points: list[tuple[int, Optional[float]]], color: str = _COLORS[0], width: int = 320,
-               height: int = 170) -> str:
+def chart_svg(name: str, points: list[tuple[float, Optional[float]]], color_index: int = 0,
+              x_label: str = "LoRA scale") -> str:
+    """One small line chart of ``(x, value)`` points against a real-valued x (``x_label``): as the training curves,
+    for other sweeps (``alignprop eval --lora_scales``)."""
+    return _chart_svg(name, points, _COLORS[color_index % len(_COLORS)], x_label=x_label)
+
+
+def _chart_svg(name: str, points: list[tuple[float, Optional[float]]], color: str = _COLORS[0], width: int = 320,
+               height: int = 170, x_label: str = "step") -> str:
     """One small line chart (a ``<figure>`` with inline SVG) of ``(step, value)`` points on its own labelled y axis
     (one chart per series: rewards of different scales never share an axis) and step ticks on the x axis. Null and
     non-finite values are skipped; no finite value gives ""."""
     esc = html.escape
-    points = [(int(s), v) for s, v in points if v is not None and math.isfinite(v)]
+    steps = x_label == "step"
+    points = [(int(s) if steps else float(s), v) for s, v in points if v is not None and math.isfinite(v)]
     if not points:
         return ""
     values = [v for _, v in points]
@@ -98,7 +123,7 @@ def _chart_svg(name: str, points: list[tuple[int, Optional[float]]], color: str 
     points = _thin(points)
     left, right, top, bottom = 52, 16, 8, 24  # margins in SVG units: room for the tick labels
     y_ticks = nice_ticks(low, high)
-    x_ticks = nice_ticks(points[0][0], points[-1][0], integer=True)
+    x_ticks = nice_ticks(points[0][0], points[-1][0], integer=steps)
     # min/max: a tick may sit a rounding error inside the data
     y0, y1, x0, x1 = min(y_ticks[0], low), max(y_ticks[-1], high), x_ticks[0], x_ticks[-1]
 
@@ -111,12 +136,14 @@ def _chart_svg(name: str, points: list[tuple[int, Optional[float]]], color: str 
     grid = "".join(f'<line x1="{left}" x2="{width - right}" y1="{y(t):.1f}" y2="{y(t):.1f}"/>' for t in y_ticks)
     y_axis = "".join(f'<text x="{left - 5}" y="{y(t) + 3.5:.1f}">{label}</text>'
                      for t, label in zip(y_ticks, tick_labels(y_ticks)))
-    x_axis = "".join(f'<text x="{x(t):.1f}" y="{height - 7}">{int(t)}</text>' for t in x_ticks)
+    x_names = [str(int(t)) for t in x_ticks] if steps else tick_labels(x_ticks)
+    x_axis = "".join(f'<text x="{x(t):.1f}" y="{height - 7}">{label}</text>' for t, label in zip(x_ticks, x_names))
     line = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in points)
-    dots = "".join(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2"><title>step {s}: {v:.6g}</title></circle>'
+    label = esc(x_label, quote=True)
+    dots = "".join(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2"><title>{label} {s:g}: {v:.6g}</title></circle>'
                    for s, v in points) if len(points) <= 40 else ""
     end = f'<circle cx="{x(points[-1][0]):.1f}" cy="{y(points[-1][1]):.1f}" r="3"/>'
-    svg = (f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(name, quote=True)} per step">'
+    svg = (f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(name, quote=True)} per {label}">'
            f'<g class="grid" stroke="#e6e6e6">{grid}</g>'
            f'<g class="axes" stroke="#999"><line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}"/>'
            f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}"/></g>'
@@ -125,5 +152,5 @@ def _chart_svg(name: str, points: list[tuple[int, Optional[float]]], color: str 
            f'<g class="series" fill="{color}"><polyline fill="none" stroke="{color}" stroke-width="1.8" '
            f'stroke-linejoin="round" points="{line}"/>{dots}{end}</g></svg>')
     return (f'<figure class="chart"><figcaption><b>{esc(name)}</b><span class="last">{last:.4g}</span> '
-            f"<small>first {first:.4g} · min {low:.4g} · max {high:.4g} · x: step</small></figcaption>{svg}"
+            f"<small>first {first:.4g} · min {low:.4g} · max {high:.4g} · x: {esc(x_label)}</small></figcaption>{svg}"
             "</figure>")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from alignprop_core.errors import AlignPropError, ConfigError, error_text
+from alignprop_core.eval_metrics import metric_key
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -47,6 +48,7 @@ class TrainerState:
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
         self.run: dict[str, Any] = dict(run or {})
+        self.early_stopping: dict[str, Any] = {}  # monitoring.EarlyStopping.state(): the best eval so far
 
     def save(self, directory: Path) -> None:
         (directory / TRAINER_STATE_NAME).write_text(json.dumps(vars(self), sort_keys=True))
@@ -70,6 +72,7 @@ class TrainerState:
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         self.run = state.get("run") if isinstance(state.get("run"), dict) else {}
+        self.early_stopping = state.get("early_stopping") if isinstance(state.get("early_stopping"), dict) else {}
 
 
 def checkpoint_step(path: Path) -> Optional[int]:
@@ -263,8 +266,9 @@ def strict_json_row(row: dict[str, Any]) -> str:
 
 
 def eval_row(step: int, when: str, means: dict[str, float]) -> dict[str, Any]:
-    """A metrics.jsonl eval row: ``{"step", "eval": "before"|"after", "eval/reward_mean", "eval/<name>_mean"}``."""
-    return {"step": step, "eval": when, **{f"eval/{name}_mean": value for name, value in means.items()}}
+    """A metrics.jsonl eval row: ``{"step", "eval": "before"|"step"|"after", "eval/reward_mean",
+    "eval/<reward>_mean", "eval/<diversity or image statistic>"}`` (``eval_metrics.metric_key``)."""
+    return {"step": step, "eval": when, **{metric_key(name): value for name, value in means.items()}}
 
 
 def append_metrics(output_dir: Path, row: dict[str, Any]) -> None:
@@ -407,3 +411,4 @@ def resume(accelerator: Any, directory: Path, state: TrainerState) -> None:
     state.global_step = saved.global_step
     state.nonfinite_total = saved.nonfinite_total
     state.nonfinite_in_a_row = saved.nonfinite_in_a_row
+    state.early_stopping = saved.early_stopping

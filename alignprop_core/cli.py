@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from alignprop_core import __version__
 from alignprop_core.config import AlignPropConfig, field_docs, preset_names, read_config_file, read_preset
-from alignprop_core.errors import AlignPropError
+from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.hints import did_you_mean
 from alignprop_core.paths import check_output_file, write_text_atomically
 
@@ -117,6 +117,8 @@ def cmd_tiny_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.lora_scales is not None:
+        return cmd_lora_scales(args)
     config = resolve_config(args)
     from alignprop_core.evaluate import run_eval
 
@@ -125,9 +127,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lora_scales(args: argparse.Namespace) -> int:
+    from alignprop_core.lora_scales import parse_lora_scales
+
+    scales = parse_lora_scales(args.lora_scales)
+    if not args.lora or len(args.lora) != 1:
+        raise ConfigError("--lora_scales: give exactly one LoRA folder with --lora DIR")
+    config = resolve_config(args)
+    from alignprop_core.lora_scales import run_lora_scales
+
+    run_lora_scales(config, args.lora[0], scales, out_dir=args.out, prompts_file=args.prompts_file,
+                    batch_size=args.batch_size, overwrite=args.overwrite)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     config = resolve_config(args)
-    from alignprop_core.evaluate import read_prompts_file, run_sample
+    from alignprop_core.evaluate import read_prompts_file
+    from alignprop_core.samples import run_sample
 
     prompts = list(args.prompt or [])
     if args.prompts_file is not None:
@@ -162,6 +179,9 @@ def _add_eval_parsers(sub: Any) -> None:
                           help="output folder (default: alignprop-eval)")
     evaluate.add_argument("--batch_size", type=int, metavar="N", help="images per batch (default: train_batch_size)")
     evaluate.add_argument("--overwrite", action="store_true", help="replace an earlier report in the output folder")
+    evaluate.add_argument("--lora_scales", metavar="S,S,...", help="score the one --lora at each of these strengths "
+                          "(e.g. 0,0.25,0.5,0.75,1; 0 = the base model) with every reward, held-out reward and "
+                          "diversity; writes lora_scales.json/.csv/.html")
     _add_config_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     sample = sub.add_parser(

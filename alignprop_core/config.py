@@ -18,6 +18,7 @@ import yaml
 
 from alignprop_core.config_files import coerce_text, preset_names, read_config_file, read_preset  # noqa: F401 (public names)
 from alignprop_core.errors import ConfigError
+from alignprop_core.eval_metrics import check_monitoring
 from alignprop_core.hints import did_you_mean
 from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, check_scheduler_name, default_output_dir
 from alignprop_core.specs import PluginSpec, RewardSpec, as_list, as_plugin_spec, as_rewards
@@ -43,7 +44,7 @@ TRUNCATIONS = ("fixed", "uniform", "gaussian", "none", "draft_lv")
 TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "all")
 #: Section of the CLI help and the docs' field table, by the first field of each section (in declaration order).
 GROUP_STARTS = {"pretrained_model": "model", "sample_num_steps": "sampling", "num_epochs": "training",
-                "output_dir": "output"}
+                "output_dir": "output", "kl_weight": "guards against reward hacking"}
 MAX_IMAGE_SIZE = 8192  # larger images cannot even be allocated for the reward check (a MemoryError traceback)
 
 
@@ -168,10 +169,26 @@ class AlignPropConfig:
                                         "save_on_each_node", factory=dict)
     push_to_hub: bool = _f(False, "upload the final LoRA to the Hugging Face Hub")
     hub_model_id: Optional[str] = _f(None, "hub repo id for push_to_hub (default: output_dir's name)")
+    # --- guards against reward hacking (docs/reward-hacking.md)
+    kl_weight: float = _f(0.0, "beta of the KL to the base model: loss += beta * mean (eps_lora - eps_base)^2 over the "
+                          "calls with gradients (>= 0; needs use_lora; one more no-grad call each)")
+    eval_rewards: list[RewardSpec] = _f(help="held-out rewards, scored on the eval set and never trained on (same "
+                                        "form as rewards)", factory=list)
+    eval_freq: int = _f(0, "also evaluate every this many optimizer steps (0 = only before and after training)")
+    eval_images_per_prompt: int = _f(1, "eval images per prompt (seeds differ); >= 2 measures diversity within a "
+                                     "prompt")
+    eval_diversity_features: str = _f("pixels", "features of eval/diversity: pixels (32x32, no weights) or the name "
+                                      "of a reward with an embed_images method")
+    early_stopping_patience: int = _f(0, "stop after this many eval rounds without improvement (0 = never)")
+    early_stopping_metric: str = _f("", "eval metric to watch, higher is better (default: the first eval_rewards, "
+                                    "else eval/reward_mean); its best weights are kept in best/")
+    early_stopping_min_delta: float = _f(0.0, "an eval round improves when the metric beats the best by more than "
+                                         "this (>= 0)")
 
     # ------------------------------------------------------------------ construction
     def __post_init__(self) -> None:
         self.rewards = as_rewards(self.rewards)
+        self.eval_rewards = as_rewards(self.eval_rewards, "eval_rewards")
         self.prompts = as_plugin_spec(self.prompts, "prompts")
         self.image_loggers = [as_plugin_spec(x, "image_loggers") for x in as_list(self.image_loggers, "image_loggers")]
         if isinstance(self.lora_target_modules, str):
@@ -291,8 +308,13 @@ class AlignPropConfig:
         for name in ("num_epochs", "train_batch_size", "train_gradient_accumulation_steps", "save_freq",
                      "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        for name in ("eval_num_samples", "prompt_cache_size"):
+        for name in ("eval_num_samples", "prompt_cache_size", "eval_freq", "early_stopping_patience"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        require(self.eval_images_per_prompt >= 1, "eval_images_per_prompt", self.eval_images_per_prompt,
+                "an integer >= 1")
+        for name in ("kl_weight", "early_stopping_min_delta"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        check_monitoring(self)
         for name in ("seed", "eval_seed"):
             require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
         require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,

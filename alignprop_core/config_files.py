@@ -84,7 +84,7 @@ def coerce_text(name: str, kind: str, value: Any) -> Any:
         raise ConfigError(f"{name}: expected {base}, got '{value}'") from None
     if base == "str":
         return value
-    if name == "rewards" and not text.startswith(("[", "{", "-")):
+    if name in ("rewards", "eval_rewards") and not text.startswith(("[", "{", "-")):
         return [parse_reward_shorthand(item) for item in text.split(",") if item.strip()]
     if name in ("image_loggers", "lora_target_modules") and not text.startswith(("[", "{", "-")):
         return [item.strip() for item in text.split(",") if item.strip()]

@@ -1,4 +1,4 @@
-"""Fixed-seed evaluation (``alignprop eval``) and sampling (``alignprop sample``).
+"""Fixed-seed evaluation (``alignprop eval``; ``alignprop sample`` is :mod:`alignprop_core.samples`).
 
 Evaluation draws a fixed set of samples, each a prompt and a seed, and renders every model (the base pipeline and
 each LoRA, loaded with ``pipe.load_lora_weights(dir)`` and removed with ``pipe.unload_lora_weights()``) from the same
@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +24,14 @@ from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import AlignPropError, ConfigError
 from alignprop_core.image_loggers import slug, to_pil
 from alignprop_core.lora import LORA_WEIGHTS_NAME
+from alignprop_core.monitoring import EvalMeasures
 from alignprop_core.pages import eval_html, format_table, image_grid
 from alignprop_core.paths import check_output_dir
 from alignprop_core.pipelines import image_size, inference_device, load_inference_pipeline  # noqa: F401
 from alignprop_core.prompt_cache import forget
 from alignprop_core.reward_set import RewardSet
 from alignprop_core.sampler import sample_prompts
-from alignprop_core.seeding import draw_prompts, eval_seeds
+from alignprop_core.seeding import derive_seed, draw_prompts, eval_seeds
 
 ScoreFn = Callable[[torch.Tensor, list, list], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
@@ -65,11 +65,31 @@ class Scored:
 # ---------------------------------------------------------------------- prompts and seeds
 
 
-def eval_sample_set(prompt_fn: Callable[[], Any], num_samples: int, seed: int) -> SampleSet:
-    """The fixed evaluation set: ``num_samples`` prompts from ``prompt_fn`` and their seeds, all from ``seed``."""
-    seeds = eval_seeds(seed, num_samples)
-    prompts, metadata = draw_prompts(prompt_fn, seeds)
-    return SampleSet(prompts, metadata, seeds)
+def eval_sample_set(prompt_fn: Callable[[], Any], num_samples: int, seed: int,
+                    images_per_prompt: int = 1) -> SampleSet:
+    """The fixed evaluation set: ``num_samples`` samples from ``seed``. Prompt ``j`` is drawn from ``prompt_fn``
+    with ``eval_seeds(seed, .)[j]``, which also seeds its first image; with ``images_per_prompt`` k > 1 each prompt
+    gets k images in a row (the others seeded ``derive_seed(seed, "eval-copy", j, c)``), so k = 1 is the set of
+    earlier releases."""
+    count = -(-num_samples // images_per_prompt)
+    prompt_seeds = eval_seeds(seed, count)
+    prompts, metadata = draw_prompts(prompt_fn, prompt_seeds)
+    samples = [(prompts[j], metadata[j], prompt_seeds[j] if c == 0 else derive_seed(seed, "eval-copy", j, c))
+               for j in range(count) for c in range(images_per_prompt)][:num_samples]
+    return SampleSet(*(list(column) for column in zip(*samples))) if samples else SampleSet([], [], [])
+
+
+def eval_samples(config: AlignPropConfig, prompts_file: Optional[str | os.PathLike] = None) -> SampleSet:
+    """What ``alignprop eval`` renders: every prompt of ``prompts_file`` (seeds from ``eval_seed``), else the
+    config's fixed evaluation set (:func:`eval_sample_set`)."""
+    if prompts_file is not None:
+        prompts, metadata = read_prompts_file(prompts_file)
+        return SampleSet(prompts, metadata, eval_seeds(config.eval_seed, len(prompts)))
+    if config.eval_num_samples < 1:
+        raise ConfigError("eval_num_samples: got 0, allowed: an integer >= 1 for alignprop eval (or pass "
+                          "--prompts_file)")
+    prompt_fn = plugins.build("prompt source", config.prompts.name, config.prompts.options)
+    return eval_sample_set(prompt_fn, config.eval_num_samples, config.eval_seed, config.eval_images_per_prompt)
 
 
 def read_prompts_file(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
@@ -86,7 +106,7 @@ def read_prompts_file(path: str | os.PathLike) -> tuple[list[str], list[dict]]:
 # ---------------------------------------------------------------------- pipeline helpers
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
+def autocast_for(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
@@ -181,12 +201,19 @@ def sample_and_score(pipe: Any, samples: SampleSet, config: AlignPropConfig, sco
 @torch.no_grad()
 def evaluate_fixed_samples(pipe: Any, config: AlignPropConfig, prompt_fn: Callable[[], Any], score_fn: ScoreFn,
                            num_samples: int, seed: int, *, height: int, width: int, device: torch.device,
-                           autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
-    """Mean rewards of ``num_samples`` fixed samples (prompts and noise from ``seed``): the trainer's eval before and
-    after, which ``alignprop eval`` reproduces. Does not disturb the training RNG streams."""
-    samples = eval_sample_set(prompt_fn, num_samples, seed)
-    return sample_and_score(pipe, samples, config, score_fn, height=height, width=width, device=device,
-                            batch_size=config.train_batch_size, autocast=autocast).means()
+                           autocast: Callable[[], Any] = contextlib.nullcontext,
+                           measures: Optional[EvalMeasures] = None) -> dict[str, float]:
+    """Mean rewards of ``num_samples`` fixed samples (prompts and noise from ``seed``): the trainer's eval rounds,
+    which ``alignprop eval`` reproduces. With ``measures`` the held-out rewards, diversity and image statistics too
+    (then ``score_fn`` is unused). Does not disturb the training RNG streams."""
+    samples = eval_sample_set(prompt_fn, num_samples, seed, config.eval_images_per_prompt)
+    scored = sample_and_score(pipe, samples, config, measures.score if measures else score_fn, height=height,
+                              width=width, device=device, batch_size=config.train_batch_size, autocast=autocast,
+                              keep_images=measures is not None)
+    means = scored.means()
+    if measures is not None:
+        means.update(measures.image_measures(scored.images, samples.prompts))
+    return means
 
 
 @torch.no_grad()
@@ -198,11 +225,6 @@ def fixed_samples(pipe: Any, config: AlignPropConfig, prompt_fn: Callable[[], An
     images = generate(pipe, samples.prompts, samples.seeds, config, height=height, width=width, device=device,
                       autocast=autocast)
     return {"images": images.float().cpu(), "prompts": samples.prompts, "seeds": samples.seeds}
-
-
-def reward_scorer(config: AlignPropConfig, device: torch.device) -> ScoreFn:
-    """Build and freeze the config's rewards; returns ``score(images, prompts, metadata) -> (total, parts)``."""
-    return RewardSet.from_specs(config.rewards, device).score
 
 
 # ---------------------------------------------------------------------- alignprop eval
@@ -237,26 +259,18 @@ def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *
     # Everything that can be wrong with names and paths is checked before a model is loaded.
     if not loras and not include_base:
         raise ConfigError("nothing to evaluate: pass --lora DIR (and/or keep the base model)")
-    _check_batch_size(batch_size)
-    _check_not_used(out_dir, ["eval.json"], overwrite)
+    check_batch_size(batch_size)
+    check_not_used(out_dir, ["eval.json"], overwrite)
     lora_dirs = [check_lora_dir(d) for d in loras]
     for reward in config.rewards:
         plugins.get("reward", reward.name)
-    if prompts_file is not None:
-        prompts, metadata = read_prompts_file(prompts_file)
-        samples = SampleSet(prompts, metadata, eval_seeds(config.eval_seed, len(prompts)))
-    else:
-        if config.eval_num_samples < 1:
-            raise ConfigError("eval_num_samples: got 0, allowed: an integer >= 1 for alignprop eval (or pass "
-                              "--prompts_file)")
-        prompt_fn = plugins.build("prompt source", config.prompts.name, config.prompts.options)
-        samples = eval_sample_set(prompt_fn, config.eval_num_samples, config.eval_seed)
+    samples = eval_samples(config, prompts_file)
     from alignprop_core.pipelines import resolve_model_path
 
     resolve_model_path(config.pretrained_model)
 
     device = inference_device()
-    score_fn = reward_scorer(config, device)
+    score_fn = EvalMeasures(config, RewardSet.from_specs(config.rewards, device), device).score  # + held-out
     pipe, dtype = load_inference_pipeline(config)
     height, width = image_size(config, pipe)
     labels = model_labels(lora_dirs, include_base)
@@ -266,11 +280,11 @@ def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *
         with lora_loaded(pipe, source):
             scores[label] = sample_and_score(pipe, samples, config, score_fn, height=height, width=width,
                                              device=device, batch_size=batch_size or config.train_batch_size,
-                                             autocast=lambda: _autocast(device, dtype), keep_images=True)
+                                             autocast=lambda: autocast_for(device, dtype), keep_images=True)
         print_fn(f"{label}: " + ", ".join(f"{n}={v:.4f}" for n, v in scores[label].means().items()))
 
     rows = table_rows(scores, config, baseline="base" if include_base else None)
-    out = _writable_dir(out_dir)  # created only now: a failure above leaves nothing behind
+    out = writable_dir(out_dir)  # created only now: a failure above leaves nothing behind
     report = EvalReport(labels, samples, scores, rows, out)
     report.files = write_eval_outputs(report, config, {l: (str(s) if s else None) for l, s in zip(labels, sources)})
     print_fn("")
@@ -283,8 +297,8 @@ def table_rows(scores: dict[str, Scored], config: AlignPropConfig, baseline: Opt
     """One row per model and reward (plus the weighted total when there are several rewards): mean, std, min, max,
     and against the baseline model the mean difference and the share of samples where the model scores higher
     (a paired comparison: same prompt, same noise)."""
-    names = [r.name for r in config.rewards]
-    columns = names + (["weighted_total"] if len(names) > 1 else [])
+    names = [r.name for r in config.rewards] + [r.name for r in config.eval_rewards]
+    columns = names + (["weighted_total"] if len(config.rewards) > 1 else [])
     rows = []
     for model, scored in scores.items():
         for name in columns:
@@ -342,62 +356,10 @@ def write_eval_outputs(report: EvalReport, config: AlignPropConfig,
     return paths
 
 
-# ---------------------------------------------------------------------- alignprop sample
-
-
-def run_sample(config: AlignPropConfig, prompts: Sequence[str], *, out_dir: str | os.PathLike,
-               lora: Optional[str | os.PathLike] = None, lora_scale: float = 1.0, seed: int = 0,
-               num_per_prompt: int = 1, batch_size: Optional[int] = None,
-               print_fn: Callable[[str], Any] = print, overwrite: bool = False) -> list[Path]:
-    """Render ``num_per_prompt`` images per prompt (image ``j`` with seed ``seed + j``, so one image can be
-    re-made alone) from the base model plus an optional LoRA; write PNGs and ``samples.jsonl`` to ``out_dir``
-    (appended to). Images of the same names already there are replaced only with ``overwrite``."""
-    prompts = [p for p in prompts if p.strip()]
-    if not prompts:
-        raise ConfigError("no prompts: pass --prompt TEXT (repeatable) or --prompts_file FILE")
-    if isinstance(num_per_prompt, bool) or not isinstance(num_per_prompt, int) or num_per_prompt < 1:
-        raise ConfigError(f"--num_per_prompt: got {num_per_prompt!r}, allowed: an integer >= 1")
-    if not math.isfinite(lora_scale):
-        raise ConfigError(f"--lora_scale: got {lora_scale}, allowed: a finite number (1 = full strength, 0 = the "
-                          "base model)")
-    _check_batch_size(batch_size)
-    jobs = [(p, prompt, seed + j) for p, prompt in enumerate(prompts) for j in range(num_per_prompt)]
-    _check_not_used(out_dir, [_sample_name(*job) for job in jobs], overwrite)
-    if lora is not None:
-        check_lora_dir(lora)
-    from alignprop_core.pipelines import resolve_model_path
-
-    resolve_model_path(config.pretrained_model)
-    device = inference_device()
-    pipe, dtype = load_inference_pipeline(config)
-    height, width = image_size(config, pipe)
-    out = _writable_dir(out_dir)  # created only once the model has loaded
-    batch_size = batch_size or config.train_batch_size
-    written = []
-    with lora_loaded(pipe, lora, lora_scale), open(out / "samples.jsonl", "a", encoding="utf-8") as log:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start:start + batch_size]
-            images = generate(pipe, [j[1] for j in batch], [j[2] for j in batch], config, height=height, width=width,
-                              device=device, autocast=lambda: _autocast(device, dtype))
-            for (p, prompt, image_seed), image in zip(batch, images):
-                file = out / _sample_name(p, prompt, image_seed)
-                to_pil(image).save(file)
-                written.append(file)
-                log.write(json.dumps({"file": file.name, "prompt": prompt, "seed": image_seed,
-                                      "lora": str(lora) if lora else None, "lora_scale": lora_scale,
-                                      "pretrained_model": config.pretrained_model}) + "\n")
-    print_fn(f"wrote {len(written)} images to {out}")
-    return written
-
-
 # ---------------------------------------------------------------------- helpers
 
 
-def _sample_name(index: int, prompt: str, seed: int) -> str:
-    return f"{index:03d}-{slug(prompt, 40)}-seed{seed}.png"
-
-
-def _check_not_used(out_dir: str | os.PathLike, names: Sequence[str], overwrite: bool) -> Path:
+def check_not_used(out_dir: str | os.PathLike, names: Sequence[str], overwrite: bool) -> Path:
     """``out_dir`` can be created or written, and holds none of ``names`` unless ``overwrite``."""
     out = check_output_dir(out_dir, "-o")
     taken = [name for name in names if (out / name).exists()] if out.is_dir() and not overwrite else []
@@ -408,13 +370,13 @@ def _check_not_used(out_dir: str | os.PathLike, names: Sequence[str], overwrite:
     return out
 
 
-def _check_batch_size(batch_size: Optional[int]) -> None:
+def check_batch_size(batch_size: Optional[int]) -> None:
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ConfigError(f"--batch_size: got {batch_size!r}, allowed: an integer >= 1 (or leave it out for "
                           "train_batch_size)")
 
 
-def _writable_dir(directory: str | os.PathLike) -> Path:
+def writable_dir(directory: str | os.PathLike) -> Path:
     """Create the output folder (checked first with :func:`check_output_dir`) and make sure it can be written."""
     path = check_output_dir(directory, "-o")
     try:
@@ -429,5 +391,5 @@ def _writable_dir(directory: str | os.PathLike) -> Path:
 
 
 __all__ = ["SampleSet", "Scored", "EvalReport", "eval_sample_set", "draw_prompts", "eval_seeds", "read_prompts_file",
-           "image_size", "generate", "sample_and_score", "reward_scorer", "run_eval", "run_sample", "table_rows",
-           "format_table", "lora_loaded", "check_lora_dir"]
+           "image_size", "generate", "sample_and_score", "run_eval", "table_rows",
+           "format_table", "lora_loaded", "check_lora_dir", "eval_samples"]

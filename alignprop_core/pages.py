@@ -10,7 +10,7 @@ import datetime
 import html
 from typing import Any, Iterable, Optional, Sequence
 
-from alignprop_core.charts import charts_html, metric_series
+from alignprop_core.charts import charts_html, eval_series, metric_series
 from alignprop_core.checkpoints import CONFIG_NAME, finite
 
 # ---------------------------------------------------------------------- folder gallery
@@ -65,7 +65,7 @@ def gallery_html(records: list[dict], title: str, refresh_seconds: int = 0, *, m
     components = sorted({name for r in records for name in r.get("rewards", {})})
     # the weighted total is shown when it is not simply the one reward
     names = components if len(components) == 1 else ["reward"] + components
-    series = metric_series(metrics or [])
+    series = {**metric_series(metrics or []), **eval_series(evals or [])}
     chart_note = "per training step, from metrics.jsonl"
     if not series and len(steps) > 1:  # an older run or a logger used on its own: the logged batches' means
         series = {name: [(step, _mean([_score(r, name) for r in group])) for step, group in sorted(steps.items())]
@@ -155,6 +155,7 @@ def _eval_table_html(evals: list[dict]) -> str:
     if not columns:
         return ""
     ordered = [columns[key] for key in sorted(columns, key=lambda k: (k[0], k[1] != "before"))]
+    ordered = ordered if len(ordered) <= 4 else [ordered[0], ordered[-1]]  # every round is charted (eval_series)
     names = list(dict.fromkeys(key[len("eval/"):-len("_mean")] for row in ordered for key in row
                                if key.startswith("eval/") and key.endswith("_mean")))
     components = [n for n in names if n != "reward"]

@@ -25,6 +25,8 @@ def preflight(config: AlignPropConfig, rewards_from_config: bool, prompts_from_c
             plugins.get("reward", reward.name)
     if prompts_from_config:
         plugins.get("prompt source", config.prompts.name)
+    for spec in config.eval_rewards:  # held-out rewards come from the config even beside a reward_function
+        plugins.get("reward", spec.name)
     for spec in config.image_loggers:
         plugins.get("image logger", spec.name)
     model_path = resolve_model_path(config.pretrained_model) if load_model else None

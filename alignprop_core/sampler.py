@@ -19,6 +19,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from alignprop_core.families import Evaluate, Family, PromptEmbeddings, family_of
+from alignprop_core.kl import BaseModelDistance
 from alignprop_core.prompt_cache import cache_for
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ def sample_images(
     gradient_checkpointing: bool = True,
     unet: Optional[torch.nn.Module] = None,
     draft_lv_n: int = 0,
+    kl: Optional[BaseModelDistance] = None,
 ) -> torch.Tensor:
     """Run the denoising chain with ``pipe.scheduler`` and decode; returns float images ``[B, 3, height, width]``
     in ``[0, 1]`` (``[draft_lv_n * B, ...]`` with DRaFT-LV under grad: draw-major, each draw the whole batch).
@@ -71,10 +73,13 @@ def sample_images(
     level and repeats that last step on each with gradients (see :func:`_draft_lv_last_step`). ``unet`` (the
     denoiser) defaults to the family's (``pipe.unet``); pass the accelerate-prepared (DDP-wrapped) one when
     training so that gradients are synchronised across processes. With ``gradient_checkpointing`` each denoiser
-    call under grad stores only its inputs and is recomputed during backward.
+    call under grad stores only its inputs and is recomputed during backward. ``kl`` (:mod:`alignprop_core.kl`)
+    records each call with gradients against the base model's prediction.
     """
     family = family_of(pipe)
     evaluate = _evaluator(family, unet if unet is not None else family.denoiser(pipe), gradient_checkpointing)
+    if kl is not None:
+        evaluate = kl.wrap(evaluate)
     scheduler = pipe.scheduler
     device = embeddings.positive.device
     grad = torch.is_grad_enabled()
@@ -172,7 +177,8 @@ def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, height: int, width: int,
                    device: torch.device, generator: Optional[torch.Generator | list[torch.Generator]] = None,
-                   grad_steps: int = 0, unet: Optional[torch.nn.Module] = None, draft_lv_n: int = 0) -> torch.Tensor:
+                   grad_steps: int = 0, unet: Optional[torch.nn.Module] = None, draft_lv_n: int = 0,
+                   kl: Optional[BaseModelDistance] = None) -> torch.Tensor:
     """Encode ``prompts`` (with the config's negative prompt and guidance) and sample them with the config's sampling
     settings: the one encode-then-sample path of training, eval, sample and the trainer's ``generate``. The
     embeddings come from the pipeline's :mod:`~alignprop_core.prompt_cache` (``config.prompt_cache_size``)."""
@@ -181,4 +187,4 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
     return sample_images(pipe, embeddings, num_steps=config.sample_num_steps,
                          guidance_scale=config.sample_guidance_scale, eta=config.sample_eta, height=height, width=width,
                          grad_steps=grad_steps, generator=generator, unet=unet, draft_lv_n=draft_lv_n,
-                         gradient_checkpointing=config.gradient_checkpointing)
+                         gradient_checkpointing=config.gradient_checkpointing, kl=kl)

@@ -60,20 +60,20 @@ def as_plugin_spec(value: Any, name: str) -> PluginSpec:
     raise ConfigError(f"{name}: expected a name or {{name, options}}, got {type(value).__name__}")
 
 
-def as_rewards(value: Any) -> list[RewardSpec]:
+def as_rewards(value: Any, field: str = "rewards") -> list[RewardSpec]:
     specs = []
-    for item in as_list(value, "rewards"):
+    for item in as_list(value, field):
         if isinstance(item, RewardSpec):
             specs.append(item)
             continue
         if isinstance(item, str):
             item = parse_reward_shorthand(item)
         if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "weight", "options"}:
-            raise ConfigError("rewards: each entry needs 'name' and optional 'weight' and 'options', "
+            raise ConfigError(f"{field}: each entry needs 'name' and optional 'weight' and 'options', "
                               f"got {item!r}")
         options = item.get("options") or {}
         if not isinstance(options, dict):
-            raise ConfigError(f"rewards: 'options' of '{item['name']}' must be a mapping")
+            raise ConfigError(f"{field}: 'options' of '{item['name']}' must be a mapping")
         weight = item.get("weight", 1.0)
         if isinstance(weight, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; top-level floats accept it too
             try:
@@ -81,6 +81,6 @@ def as_rewards(value: Any) -> list[RewardSpec]:
             except ValueError:
                 pass
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise ConfigError(f"rewards: weight of '{item['name']}' must be a number, got {weight!r}")
+            raise ConfigError(f"{field}: weight of '{item['name']}' must be a number, got {weight!r}")
         specs.append(RewardSpec(str(item["name"]), float(weight), dict(options)))
     return specs

@@ -8,8 +8,10 @@ One optimizer step, top to bottom (``train_step`` -> ``_train_micro_batch``)::
     images            = sample_images(...)        (gradients through the last K UNet calls + VAE decode)
     r_j               = reward_j(images, prompts, metadata)      for each configured reward j
     loss              = calculate_loss(sum_j weight_j * r_j)  = -mean over the batch
+                        (+ kl_weight * mean (eps_lora - eps_base)^2 over the grad calls: kl.py)
     accelerator.backward(loss); on sync: clip_grad_norm_, optimizer.step(), zero_grad()
     weights not finite after the step -> the step is rolled back (and counted as skipped)
+    every eval_freq steps: fixed-seed eval (monitoring.py); best/ on improvement; early stopping
 
 TRL's ``AlignPropTrainer`` API is kept: ``step(epoch, global_step)``, ``train(epochs)``, ``compute_rewards``,
 ``calculate_loss``, ``_generate_samples``, ``save_model``; see docs/trl-migration.md.
@@ -42,7 +44,9 @@ from alignprop_core.evaluate import evaluate_fixed_samples, fixed_samples
 from alignprop_core.families import family_of
 from alignprop_core.guards import optimizer_step_keeping_weights_finite
 from alignprop_core.image_loggers import ImageLogSink
+from alignprop_core.kl import BaseModelDistance
 from alignprop_core.lora import TrainedWeights
+from alignprop_core.monitoring import EvalRounds
 from alignprop_core.pipelines import (
     check_steps_fit_the_scheduler,
     compute_dtype,
@@ -68,6 +72,7 @@ class TrainingResult:
     eval_before: dict[str, float] = field(default_factory=dict)
     eval_after: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = ""  # the run's last line: why it ended (all steps done, early stopping)
 
 
 class AlignPropTrainer(TRLTrainerMethods):
@@ -120,6 +125,7 @@ class AlignPropTrainer(TRLTrainerMethods):
                                                           config.prompts.options)
         self.rewards = (RewardSet.from_function(reward_function, accelerator.device) if reward_function is not None
                         else RewardSet.from_specs(config.rewards, accelerator.device))
+        self.eval_rounds = EvalRounds(config, self.rewards, accelerator.device, self.output_dir)  # + held-out
         self.image_loggers = [plugins.build("image logger", s.name, s.options, output_dir=str(self.output_dir))
                               for s in config.image_loggers]
         self.image_samples_hook = image_samples_hook
@@ -176,6 +182,9 @@ class AlignPropTrainer(TRLTrainerMethods):
                     progress.update(1)
                     progress.set_postfix(reward=f"{metrics['reward_mean']:.4g}", loss=f"{metrics['loss']:.4g}",
                                          k=int(metrics["k"]))
+                    if self.eval_rounds.stopping(accelerator):
+                        result.stop_reason = self.eval_rounds.early_stopping.reason(self.state.global_step)
+                        break
             finally:
                 progress.close()
             if stop.requested(accelerator):
@@ -183,6 +192,8 @@ class AlignPropTrainer(TRLTrainerMethods):
         self.save_model()
         if config.eval_num_samples:
             result.eval_after = self._evaluate_and_log("after")
+        result.stop_reason = self.eval_rounds.final_line(result.stop_reason or f"finished all {total} steps")
+        accelerator.print(result.stop_reason)
         for image_logger in self.image_loggers:
             getattr(image_logger, "close", lambda: None)()
         accelerator.end_training()
@@ -221,6 +232,8 @@ class AlignPropTrainer(TRLTrainerMethods):
             checkpoints.append_metrics(self.output_dir, {"step": step, **metrics})
         if self.state.nonfinite_in_a_row >= config.max_nonfinite_steps:
             self._stop_nonfinite()
+        if config.eval_freq and config.eval_num_samples and step % config.eval_freq == 0 and step < total:
+            self._evaluate_and_log("step")  # before the checkpoint: it holds this round's early-stopping state
         if step % config.save_freq == 0 or step == total:
             self.save_checkpoint()
         return metrics
@@ -234,7 +247,7 @@ class AlignPropTrainer(TRLTrainerMethods):
         """
         config, accelerator = self.config, self.accelerator
         start = time.perf_counter()
-        totals, components, ks = [], {r.name: [] for r in self.rewards}, []
+        totals, components, ks, kls = [], {r.name: [] for r in self.rewards}, [], []
         grad_norm = float("nan")
         nonfinite = False
         last_batch = None
@@ -260,13 +273,17 @@ class AlignPropTrainer(TRLTrainerMethods):
             for name, values in batch["reward_components"].items():
                 components[name].append(accelerator.gather(values))
             ks.append(batch["k"])
+            if batch["kl"] is not None:
+                kls.append(accelerator.gather(batch["kl"][None]).float().mean())
             last_batch = batch
         self.state.global_step += 1
         self.state.nonfinite_total += int(nonfinite)
         self.state.nonfinite_in_a_row = self.state.nonfinite_in_a_row + 1 if nonfinite else 0
         total = torch.cat(totals).float()
         # the loss over all processes' samples (each process's own loss only covers its share of the batch)
-        metrics = {**reward_metrics(total, components), "loss": self.calculate_loss(total).item(),
+        kl = torch.stack(kls).mean().item() if kls else None
+        loss = self.calculate_loss(total).item() + (config.kl_weight * kl if kl is not None else 0.0)
+        metrics = {**reward_metrics(total, components), "loss": loss, **({"kl": kl} if kl is not None else {}),
                    "grad_norm": grad_norm, "k": sum(ks) / len(ks), "step_time": time.perf_counter() - start,
                    "lr": self.optimizer.param_groups[0]["lr"], "skipped_nonfinite": float(nonfinite),
                    "nonfinite_steps": float(self.state.nonfinite_total)}
@@ -284,19 +301,26 @@ class AlignPropTrainer(TRLTrainerMethods):
         first = accelerator.process_index * batch_size
         seeds = [derive_seed(*where, "sample", j) for j in range(first, first + batch_size)]
         prompts, metadata = draw_prompts(self.prompt_fn, seeds)
+        kl = (BaseModelDistance(self.family, accelerator.unwrap_model(self.unet)) if config.kl_weight and self.use_lora
+              else None)
         with accelerator.autocast():
-            images, k = self._sample(prompts, seeds, where, with_grad=True)
+            images, k = self._sample(prompts, seeds, where, with_grad=True, kl=kl)
             draws = images.shape[0] // len(prompts)  # DRaFT-LV: draft_lv_n draws of the batch, draw-major
             prompts, metadata = prompts * draws, metadata * draws
             total, components = self.score(images, prompts, metadata)
         loss = self.calculate_loss(total)  # DRaFT-LV: mean over draws and batch = the draws' gradients averaged
+        distance = kl.value().to(loss.device) if kl is not None else None
+        if distance is not None:
+            loss = loss + config.kl_weight * distance
         accelerator.backward(loss)
         return {"images": images.detach(), "prompts": prompts, "metadata": metadata, "rewards": total.detach(),
-                "reward_components": {n: v.detach() for n, v in components.items()}, "k": k, "loss": loss.item()}
+                "reward_components": {n: v.detach() for n, v in components.items()}, "k": k, "loss": loss.item(),
+                "kl": None if distance is None else distance.detach()}
 
-    def _sample(self, prompts: list[str], seeds: list[int], where: tuple, with_grad: bool) -> tuple[torch.Tensor, int]:
+    def _sample(self, prompts: list[str], seeds: list[int], where: tuple, with_grad: bool,
+                kl: Optional[BaseModelDistance] = None) -> tuple[torch.Tensor, int]:
         """Images for ``prompts`` (noise of image ``j`` seeded by ``seeds[j]``) and the K used: gradients through the
-        last K UNet calls when ``with_grad``, K drawn from ``where`` (once per batch)."""
+        last K UNet calls when ``with_grad``, K drawn from ``where`` (once per batch); ``kl`` records those calls."""
         config = self.config
         k = draw_truncation_k(config, random.Random(derive_seed(*where, "truncation"))) if with_grad else 0
         draft_lv_n = config.draft_lv_n if config.truncation == "draft_lv" and with_grad else 0
@@ -304,7 +328,7 @@ class AlignPropTrainer(TRLTrainerMethods):
         with torch.set_grad_enabled(with_grad):
             images = sample_prompts(self.pipe, prompts, config, height=self.height, width=self.width,
                                     device=self.accelerator.device, generator=generators, grad_steps=k,
-                                    unet=self.unet, draft_lv_n=draft_lv_n)
+                                    unet=self.unet, draft_lv_n=draft_lv_n, kl=kl)
         return images, k
 
     def score(self, images: torch.Tensor, prompts: list[str],
@@ -321,15 +345,15 @@ class AlignPropTrainer(TRLTrainerMethods):
         return evaluate_fixed_samples(self.pipe, config, self.prompt_fn, self.score, num_samples or
                                       config.eval_num_samples, config.eval_seed if seed is None else seed,
                                       height=self.height, width=self.width, device=self.accelerator.device,
-                                      autocast=self.accelerator.autocast)
+                                      autocast=self.accelerator.autocast, measures=self.eval_rounds.measures)
 
     def _evaluate_and_log(self, when: str) -> dict[str, float]:
-        """``evaluate()`` on the main process, printed and written to metrics.jsonl as an ``eval`` row."""
+        """``evaluate()`` on the main process: printed, logged, and (with eval_freq) best/ and early stopping."""
         if not self.accelerator.is_main_process:
             return {}
         means = self.evaluate()
-        self.accelerator.print(f"eval {when}:{' ' if when == 'after' else ''} " + _format(means))
-        checkpoints.append_metrics(self.output_dir, checkpoints.eval_row(self.state.global_step, when, means))
+        self.eval_rounds.record(self.state.global_step, when, means, self.accelerator.print, self._write_export)
+        self.state.early_stopping = self.eval_rounds.early_stopping.state()
         return means
 
     @torch.no_grad()
@@ -409,6 +433,7 @@ class AlignPropTrainer(TRLTrainerMethods):
     def _resume(self) -> None:
         """Load the checkpoint in ``resume_dir`` after checking it was trained with this run's settings."""
         checkpoints.resume(self.accelerator, self.resume_dir, self.state)
+        self.eval_rounds.early_stopping.restore(self.state.early_stopping)
         self.accelerator.print(f"resumed from {self.resume_dir} at step {self.state.global_step}")
 
     # ------------------------------------------------------------------ set-up helpers
@@ -420,12 +445,3 @@ class AlignPropTrainer(TRLTrainerMethods):
         prompts, metadata = draw_prompts(self.prompt_fn, [derive_seed(self.config.seed, "check", i) for i in range(2)])
         with self.accelerator.autocast():
             self._reward_problem = self.rewards.check_or_warn(images, prompts, metadata)
-
-
-# ---------------------------------------------------------------------- module helpers
-
-
-def _format(values: dict[str, float]) -> str:
-    return ", ".join(f"{name}={value:.4f}" for name, value in values.items())
-
-

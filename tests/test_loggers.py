@@ -239,7 +239,9 @@ def test_gallery_charts_every_series_on_its_own_labelled_axes(tmp_path):
     logger.close()
     found = charts((tmp_path / "images" / "index.html").read_text())
     assert list(found) == ["reward (weighted)", "saturation", "contrast", "loss", "grad norm (before clipping)",
-                           "K (backprop steps)", "step time (s)"]
+                           "K (backprop steps)", "step time (s)",
+                           # every eval round (here before and after): training vs held-out rewards, diversity
+                           "eval: weighted reward", "eval: saturation", "eval: contrast"]
     for title, svg in found.items():
         ticks = [float(label) for label in axis_labels(svg, "y-axis")]
         assert len(ticks) >= 3 and ticks == sorted(ticks) and len(set(ticks)) == len(ticks), (title, ticks)
