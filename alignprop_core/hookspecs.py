@@ -42,6 +42,9 @@ def register_rewards(register):
     with images on that device. The trainer checks every result (a float tensor ``[B]`` with a ``grad_fn``; a TRL-style
     ``(rewards, info)`` tuple is accepted). Factories should import heavy libraries lazily and load weights only when
     called.
+
+    Optional: a reward with a method ``embed_images(images) -> Tensor[B, D]`` (its image embedding, no gradient
+    needed) can serve as the features of the eval diversity measure (``eval_diversity_features: <name>``).
     """
 
 

@@ -111,6 +111,7 @@ class EvalRounds:
 
     def __init__(self, config: "AlignPropConfig", rewards: RewardSet, device: torch.device, output_dir: Path):
         self.config, self.output_dir = config, output_dir
+        self.last_means: dict[str, float] = {}  # the latest round's, as evaluate() returned them
         self.measures = EvalMeasures(config, rewards, device)
         self.early_stopping = EarlyStopping(config.early_stopping_metric or default_metric(config),
                                             config.early_stopping_patience, config.early_stopping_min_delta)
@@ -118,6 +119,7 @@ class EvalRounds:
     def record(self, step: int, when: str, means: dict[str, float], print_fn: Callable[[str], Any],
                export: Callable[[Path], None]) -> None:
         """Print and log one round (``when``: before, step, after); export it as best/ when it improves."""
+        self.last_means = means
         shown = {name: value for name, value in means.items()  # rewards and diversity (NaN: not measurable)
                  if name not in IMAGE_STATISTICS and not math.isnan(value)}
         print_fn(f"eval {when + ':':<8}" + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))

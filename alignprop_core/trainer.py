@@ -190,7 +190,9 @@ class AlignPropTrainer(TRLTrainerMethods):
             if stop.requested(accelerator):
                 self._stop_for_signal(stop.signal_name, stop.signal_number, total)
         self.save_model()
-        if config.eval_num_samples:
+        if config.eval_num_samples and result.stop_reason:  # stopped early: that round was on these weights
+            result.eval_after = self.eval_rounds.last_means
+        elif config.eval_num_samples:
             result.eval_after = self._evaluate_and_log("after")
         result.stop_reason = self.eval_rounds.final_line(result.stop_reason or f"finished all {total} steps")
         accelerator.print(result.stop_reason)

@@ -95,6 +95,9 @@ def test_early_stopping_fires_when_the_metric_stalls_and_best_holds_the_best_rou
     assert result.stop_reason.endswith(f"at step 0 in {trainer.output_dir / 'best'}")
     best = json.loads((trainer.output_dir / "best" / "best.json").read_text())
     assert best["step"] == 0 and best["metric"] == "eval/contrast_mean"
+    _, evals = read_metrics(trainer.output_dir / "metrics.jsonl")
+    assert [(e["step"], e["eval"]) for e in evals] == [(0, "before"), (1, "step"), (2, "step")]  # no repeat at 2
+    assert result.eval_after["contrast"] == evals[-1]["eval/contrast_mean"]
 
 
 def test_best_is_the_best_eval_round_and_alignprop_eval_reproduces_it(tiny_config, tmp_path):

@@ -115,13 +115,18 @@ class AestheticReward(api.FrozenReward):
         out = self.vision_model(pixel_values=pixel_values)
         return out.image_embeds if hasattr(out, "image_embeds") else out[0]
 
-    def forward(self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None):
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised CLIP image embeddings ``[B, D]`` the score is computed from (also the features of
+        ``eval_diversity_features: aesthetic``)."""
         api.check_images(images, REWARD_NAME)
         param = next(self.vision_model.parameters())
         # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype), then cast
         pixel_values = self.preprocess(images.to(device=param.device, dtype=torch.float32)).to(param.dtype)
         embeds = self.image_embeds(pixel_values).float()
-        embeds = embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
+        return embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
+
+    def forward(self, images: torch.Tensor, prompts: list[str] | None = None, metadata: list[dict] | None = None):
+        embeds = self.embed_images(images)
         mlp_param = next(self.mlp.parameters())
         return self.mlp(embeds.to(mlp_param.dtype)).squeeze(-1).float()
 

@@ -269,3 +269,15 @@ def test_binary_predictor_is_a_short_one_line_error(tiny, tmp_path):
                        ) as info:
         AestheticReward.from_options(clip_model=tiny["clip_model"], predictor=str(junk))
     assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+
+
+def test_embed_images_gives_the_embedding_the_score_uses(reward):
+    """``embed_images`` (the diversity features of eval_diversity_features: aesthetic) is what the MLP scores."""
+    from alignprop_core.image_stats import diversity
+
+    images = torch.rand(3, 3, 40, 56)
+    embeds = reward.embed_images(images)
+    assert embeds.shape[0] == 3 and torch.allclose(embeds.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(reward.mlp(embeds).squeeze(-1), reward(images, ["a"] * 3, [{}] * 3), atol=1e-6)
+    measured = diversity(images, ["a", "a", "b"], reward.embed_images)
+    assert measured["diversity_within_prompt"] > 0
