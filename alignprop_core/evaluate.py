@@ -79,6 +79,12 @@ def eval_sample_set(prompt_fn: Callable[[], Any], num_samples: int, seed: int,
     return SampleSet(*(list(column) for column in zip(*samples))) if samples else SampleSet([], [], [])
 
 
+def check_reward_names(config: AlignPropConfig) -> None:
+    """Every training and held-out reward is installed (a one-line error naming the missing one)."""
+    for reward in [*config.rewards, *config.eval_rewards]:
+        plugins.get("reward", reward.name)
+
+
 def eval_samples(config: AlignPropConfig, prompts_file: Optional[str | os.PathLike] = None) -> SampleSet:
     """What ``alignprop eval`` renders: every prompt of ``prompts_file`` (seeds from ``eval_seed``), else the
     config's fixed evaluation set (:func:`eval_sample_set`)."""
@@ -199,20 +205,17 @@ def sample_and_score(pipe: Any, samples: SampleSet, config: AlignPropConfig, sco
 
 
 @torch.no_grad()
-def evaluate_fixed_samples(pipe: Any, config: AlignPropConfig, prompt_fn: Callable[[], Any], score_fn: ScoreFn,
+def evaluate_fixed_samples(pipe: Any, config: AlignPropConfig, prompt_fn: Callable[[], Any], measures: EvalMeasures,
                            num_samples: int, seed: int, *, height: int, width: int, device: torch.device,
-                           autocast: Callable[[], Any] = contextlib.nullcontext,
-                           measures: Optional[EvalMeasures] = None) -> dict[str, float]:
-    """Mean rewards of ``num_samples`` fixed samples (prompts and noise from ``seed``): the trainer's eval rounds,
-    which ``alignprop eval`` reproduces. With ``measures`` the held-out rewards, diversity and image statistics too
-    (then ``score_fn`` is unused). Does not disturb the training RNG streams."""
+                           autocast: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+    """Mean training and held-out rewards, diversity and image statistics (``measures``) of ``num_samples`` fixed
+    samples (prompts and noise from ``seed``): the trainer's eval rounds, which ``alignprop eval`` reproduces. Does
+    not disturb the training RNG streams."""
     samples = eval_sample_set(prompt_fn, num_samples, seed, config.eval_images_per_prompt)
-    scored = sample_and_score(pipe, samples, config, measures.score if measures else score_fn, height=height,
-                              width=width, device=device, batch_size=config.train_batch_size, autocast=autocast,
-                              keep_images=measures is not None)
+    scored = sample_and_score(pipe, samples, config, measures.score, height=height, width=width, device=device,
+                              batch_size=config.train_batch_size, autocast=autocast, keep_images=True)
     means = scored.means()
-    if measures is not None:
-        means.update(measures.image_measures(scored.images, samples.prompts))
+    means.update(measures.image_measures(scored.images, samples.prompts))
     return means
 
 
@@ -262,8 +265,7 @@ def run_eval(config: AlignPropConfig, loras: Sequence[str | os.PathLike] = (), *
     check_batch_size(batch_size)
     check_not_used(out_dir, ["eval.json"], overwrite)
     lora_dirs = [check_lora_dir(d) for d in loras]
-    for reward in config.rewards:
-        plugins.get("reward", reward.name)
+    check_reward_names(config)
     samples = eval_samples(config, prompts_file)
     from alignprop_core.pipelines import resolve_model_path
 

@@ -18,7 +18,6 @@ import os
 from typing import Any, Callable, Optional, Sequence
 
 from alignprop_core import evaluate as ev
-from alignprop_core import plugins
 from alignprop_core.charts import chart_svg
 from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import ConfigError
@@ -58,8 +57,7 @@ def run_lora_scales(config: AlignPropConfig, lora: str | os.PathLike, scales: Se
     ev.check_batch_size(batch_size)
     ev.check_not_used(out_dir, list(FILES), overwrite)
     lora_dir = ev.check_lora_dir(lora)
-    for reward in [*config.rewards, *config.eval_rewards]:
-        plugins.get("reward", reward.name)
+    ev.check_reward_names(config)
     samples = ev.eval_samples(config, prompts_file)
     resolve_model_path(config.pretrained_model)
 

@@ -344,10 +344,10 @@ class AlignPropTrainer(TRLTrainerMethods):
         """Mean rewards on fixed-seed samples: the same prompts and noise every call, so values are comparable
         across training (``evaluate.evaluate_fixed_samples``, as ``alignprop eval``)."""
         config = self.config
-        return evaluate_fixed_samples(self.pipe, config, self.prompt_fn, self.score, num_samples or
+        return evaluate_fixed_samples(self.pipe, config, self.prompt_fn, self.eval_rounds.measures, num_samples or
                                       config.eval_num_samples, config.eval_seed if seed is None else seed,
                                       height=self.height, width=self.width, device=self.accelerator.device,
-                                      autocast=self.accelerator.autocast, measures=self.eval_rounds.measures)
+                                      autocast=self.accelerator.autocast)
 
     def _evaluate_and_log(self, when: str) -> dict[str, float]:
         """``evaluate()`` on the main process: printed, logged, and (with eval_freq) best/ and early stopping."""
