@@ -6,8 +6,11 @@ from alignprop_core.hookspecs import hookimpl
 
 @hookimpl
 def register_rewards(register):
-    register("saturation", rewards.Saturation, "mean HSV saturation in [0, 1]; needs no weights")
-    register("contrast", rewards.Contrast, "standard deviation of luma in [0, 0.5]; needs no weights")
+    no_weights = {"source": "no weights (alignprop-core)", "license": "Apache-2.0", "input_size": "any (every pixel)"}
+    register("saturation", rewards.Saturation, "mean HSV saturation in [0, 1]; needs no weights",
+             details={**no_weights, "scale": "[0, 1]", "suits": "any family; smoke tests and demos"})
+    register("contrast", rewards.Contrast, "standard deviation of luma in [0, 0.5]; needs no weights",
+             details={**no_weights, "scale": "[0, 0.5]", "suits": "any family; smoke tests and demos"})
 
 
 @hookimpl

@@ -89,6 +89,9 @@ def cmd_rewards(args: argparse.Namespace) -> int:
     for name in sorted(found):
         reg = found[name]
         print(f"{name:<{width}}  {reg.package or '?':<28} {reg.plugin}: {reg.description}")
+        if args.details:
+            for key, text in reg.details or (("details", "none registered by its plugin"),):
+                print(f"{'':<{width}}    {key.replace('_', ' ') + ':':<12} {text}")
     missing = [f"{n} (pip install {p})" for n, p in plugins.KNOWN_REWARD_PACKAGES.items() if n not in found]
     if missing:
         print("not installed: " + ", ".join(missing))
@@ -305,8 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--write", metavar="PATH", help="write the YAML to PATH instead of printing it")
     config.add_argument("--overwrite", action="store_true", help="let --write replace an existing file")
     config.set_defaults(func=cmd_config)
-    sub.add_parser("rewards", help="list installed rewards with their plugin and package").set_defaults(
-        func=cmd_rewards)
+    rewards = sub.add_parser("rewards", help="list installed rewards with their plugin and package")
+    rewards.add_argument("--details", action="store_true",
+                         help="also show each reward's weights source, licence, score scale, input size and the "
+                              "model families it suits")
+    rewards.set_defaults(func=cmd_rewards)
     sub.add_parser("plugins", help="list installed rewards, prompt sources and image loggers").set_defaults(
         func=cmd_plugins)
     _add_tiny_parser(sub)
@@ -400,6 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `alignprop rewards --details | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes stdout
+        return 0
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ KNOWN_REWARD_PACKAGES = {
     "hps": "alignprop-reward-hps",
     "pickscore": "alignprop-reward-pickscore",
     "flava_vqa": "alignprop-reward-flava-vqa",
+    "imagereward": "alignprop-reward-imagereward",
+    "clip_score": "alignprop-reward-clipscore",
+    "aesthetic_v25": "alignprop-reward-aesthetic-v25",
+    "hpsv3": "alignprop-reward-hpsv3",
+    "mps": "alignprop-reward-mps",
 }
+
+#: The keys of a registration's ``details`` (``alignprop rewards --details``), in the order they are shown.
+DETAIL_KEYS = ("source", "license", "scale", "input_size", "suits")
 
 # kind -> (hook name, plural used in messages)
 KINDS = {
@@ -54,6 +62,7 @@ class Registration:
     plugin: str
     package: str | None
     description: str = ""
+    details: tuple[tuple[str, str], ...] = ()  # (key, text) pairs, keys from DETAIL_KEYS
 
 
 def load_plugins() -> None:
@@ -110,16 +119,18 @@ def registrations(kind: str) -> dict[str, Registration]:
         plugin = impl.plugin_name
         mine: dict[str, Registration] = {}  # kept only if the hook returns: a hook that raises registers nothing
 
-        def register(name: str, factory: Callable[..., Any], description: str = "", _plugin: str = plugin,
-                     _mine: dict[str, Registration] = mine) -> None:
+        def register(name: str, factory: Callable[..., Any], description: str = "", details: Any = None,
+                     _plugin: str = plugin, _mine: dict[str, Registration] = mine) -> None:
             if not isinstance(name, str) or not name:
                 raise PluginError(f"plugin '{_plugin}' registered a {kind} with an invalid name {name!r}")
+            checked_details = _check_details(details, f"plugin '{_plugin}' ({kind} '{name}')")
             if name in found or name in _mine:
                 raise PluginError(
                     f"{kind} '{name}' is registered twice, by plugin '{(found.get(name) or _mine[name]).plugin}' and "
                     f"by plugin '{_plugin}'; uninstall one of them"
                 )
-            _mine[name] = Registration(kind, name, factory, _plugin, _plugin_packages.get(_plugin), description)
+            _mine[name] = Registration(kind, name, factory, _plugin, _plugin_packages.get(_plugin), description,
+                                       checked_details)
 
         try:
             impl.function(register=register)
@@ -130,6 +141,20 @@ def registrations(kind: str) -> dict[str, Registration]:
             continue
         found.update(mine)
     return found
+
+
+def _check_details(details: Any, owner: str) -> tuple[tuple[str, str], ...]:
+    """A registration's ``details`` mapping as ``(key, text)`` pairs in :data:`DETAIL_KEYS` order. An unknown key or
+    a value that is not a string raises ``TypeError``: that plugin's hook fails (warned once), the others work."""
+    if details is None:
+        return ()
+    if not isinstance(details, dict):
+        raise TypeError(f"{owner}: details must be a dict of {', '.join(DETAIL_KEYS)}, got {type(details).__name__}")
+    unknown = [k for k in details if k not in DETAIL_KEYS]
+    if unknown or not all(isinstance(v, str) for v in details.values()):
+        raise TypeError(f"{owner}: details takes string values for {', '.join(DETAIL_KEYS)}; got "
+                        f"{ {k: type(v).__name__ for k, v in details.items()} }")
+    return tuple((k, details[k]) for k in DETAIL_KEYS if details.get(k))
 
 
 def get(kind: str, name: str) -> Registration:

@@ -482,3 +482,41 @@ def test_torchvision_hook_is_not_on_any_library_code_path():
             "print('alignprop_core.torchvision_cpu_fix' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
+
+
+class DetailedPlugin:
+    @hookimpl
+    def register_rewards(self, register):
+        register("detailed", lambda: Brightness(), "test reward",
+                 details={"suits": "any family", "source": "no weights", "license": "MIT"})
+
+
+def test_details_are_kept_in_key_order_and_shown_by_rewards_details(registered, capsys):
+    from alignprop_core.cli import main
+
+    registered(DetailedPlugin(), "detailed_plugin")
+    assert plugins.registrations("reward")["detailed"].details == (
+        ("source", "no weights"), ("license", "MIT"), ("suits", "any family"))
+    assert main(["rewards", "--details"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(out) if line.startswith("detailed "))
+    assert [line.split(":")[0].strip() for line in out[at + 1:at + 4]] == ["source", "license", "suits"]
+    assert out[out.index(next(line for line in out if line.startswith("saturation"))) + 1].split() == [
+        "source:", "no", "weights", "(alignprop-core)"]
+    assert main(["rewards"]) == 0
+    assert "source:" not in capsys.readouterr().out  # without --details: one line per reward
+
+
+@pytest.mark.parametrize("details", [{"licence": "MIT"}, {"scale": 10}, "MIT", ["source"]])
+def test_bad_details_fail_only_their_plugin(registered, capsys, details):
+    class BadDetails:
+        @hookimpl
+        def register_rewards(self, register):
+            register("bad_details", lambda: Brightness(), "x", details=details)
+
+    registered(BadDetails(), "bad_details_plugin")
+    found = plugins.registrations("reward")
+    assert "bad_details" not in found and "saturation" in found
+    assert "bad_details_plugin" in plugins.failed_plugins
+    assert "details" in plugins.failed_plugins["bad_details_plugin"]
+    plugins.failed_plugins.pop("bad_details_plugin")

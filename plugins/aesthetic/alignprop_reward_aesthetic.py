@@ -138,6 +138,11 @@ def register_rewards(register):
         AestheticReward.from_options,
         description="LAION aesthetic predictor v2 (linearMSE MLP) on CLIP ViT-L/14 image embeddings; ~1-10 scale. "
         "options: clip_model, predictor, dtype",
+        details={"source": "openai/clip-vit-large-patch14 + trl-lib/ddpo-aesthetic-predictor (aesthetic-model.pth)",
+                 "license": "CLIP: MIT; predictor: Apache-2.0 (LAION improved-aesthetic-predictor)",
+                 "scale": "LAION aesthetic score, trained on 1-10 ratings; prompt-independent",
+                 "input_size": "224x224 (shortest side, centre crop)",
+                 "suits": "any family; the AlignProp paper's main reward (aesthetics)"},
     )
 
 

@@ -25,4 +25,6 @@ class Warmth(api.FrozenReward):
 
 @api.hookimpl
 def register_rewards(register):
-    register("warmth", Warmth, "mean(red) - mean(blue); option: target")
+    register("warmth", Warmth, "mean(red) - mean(blue); option: target",
+             details={"source": "no weights", "license": "Apache-2.0", "scale": "[-1, 1]",
+                      "input_size": "any (every pixel)", "suits": "any family; an example to copy"})

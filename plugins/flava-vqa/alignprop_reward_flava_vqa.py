@@ -255,4 +255,9 @@ def register_rewards(register):
         "flava_vqa",
         FlavaVQAReward.from_options,
         description="FLAVA VQA-style score: ITM match probability (or answer likelihood) of metadata questions/answers",
+        details={"source": "facebook/flava-full",
+                 "license": "BSD-3-Clause (facebook/flava-full)",
+                 "scale": "probability in [0, 1] (itm) or mean answer log-likelihood <= 0 (answer_likelihood)",
+                 "input_size": "224x224 (shortest side, centre crop)",
+                 "suits": "any family; prompt alignment with questions/answers metadata (the counting source)"},
     )

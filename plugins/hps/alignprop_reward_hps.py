@@ -189,4 +189,9 @@ def register_rewards(register):
         "hps",
         HPSReward.from_options,
         description="HPSv2/HPSv2.1 human preference score (open_clip ViT-H-14): cosine(image, prompt)",
+        details={"source": "xswu/HPSv2 (HPS_v2.1_compressed.pt / HPS_v2_compressed.pt)",
+                 "license": "Apache-2.0 (HPSv2 repository)",
+                 "scale": "cosine in [-1, 1] (papers report it x100; v2 and v2.1 are not comparable)",
+                 "input_size": "224x224 (longest side, zero pad)",
+                 "suits": "any family; human preference incl. prompt alignment (SD 1.x/SDXL era images)"},
     )

@@ -114,6 +114,11 @@ def register_rewards(register):
         PickScoreReward.from_options,
         description="PickScore v1 (CLIP ViT-H/14 preference model): exp(logit_scale) * cos(text, image) per pair. "
         "options: model, processor, dtype",
+        details={"source": "yuvalkirstain/PickScore_v1, processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                 "license": "MIT (PickScore repository)",
+                 "scale": "100 x cosine, in [-100, 100]",
+                 "input_size": "224x224 (shortest side, centre crop)",
+                 "suits": "any family; human preference incl. prompt alignment"},
     )
 
 
