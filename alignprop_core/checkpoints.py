@@ -49,6 +49,7 @@ class TrainerState:
         self.nonfinite_in_a_row = 0
         self.run: dict[str, Any] = dict(run or {})
         self.early_stopping: dict[str, Any] = {}  # monitoring.EarlyStopping.state(): the best eval so far
+        self.reward_normalizers: dict[str, Any] = {}  # RewardSet.normalizer_state(): normalize: running
 
     def save(self, directory: Path) -> None:
         (directory / TRAINER_STATE_NAME).write_text(json.dumps(vars(self), sort_keys=True))
@@ -73,6 +74,8 @@ class TrainerState:
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
         self.run = state.get("run") if isinstance(state.get("run"), dict) else {}
         self.early_stopping = state.get("early_stopping") if isinstance(state.get("early_stopping"), dict) else {}
+        normalizers = state.get("reward_normalizers")
+        self.reward_normalizers = normalizers if isinstance(normalizers, dict) else {}
 
 
 def checkpoint_step(path: Path) -> Optional[int]:

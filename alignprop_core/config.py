@@ -66,7 +66,8 @@ class AlignPropConfig:
         "local folder ('alignprop:tiny-sd', -sdxl, -sd3, -flux, -flux2-klein, -qwen-image, -z-image = tiny models)")
     pretrained_revision: str = _f("main", "hub revision of pretrained_model")
     rewards: list[RewardSpec] = _f(
-        help="rewards to maximise, weighted sum: list of {name, weight, options}, or 'name:weight,name2:weight2'",
+        help="rewards to maximise, weighted sum: list of {name, weight, options, views, normalize} (views: center, "
+        "tiles:N, random_crops:N; normalize: running), or 'name:weight,name2:weight2'",
         factory=lambda: [RewardSpec("aesthetic", 1.0)])
     prompts: PluginSpec = _f(help="prompt source: {name, options} or a name (simple_animals, imagenet_animals, "
                              "nouns_activities, counting, from_file)",

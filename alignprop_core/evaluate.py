@@ -13,7 +13,7 @@ import contextlib
 import csv
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -341,7 +341,7 @@ def write_eval_outputs(report: EvalReport, config: AlignPropConfig,
     settings = {k: getattr(config, k, None) for k in ("pretrained_model", "scheduler", "sample_num_steps",
                                                       "sample_guidance_scale", "sample_eta", "negative_prompts",
                                                       "eval_seed", "height", "width", "resolution", "mixed_precision")}
-    settings["rewards"] = [{"name": r.name, "weight": r.weight, "options": r.options} for r in config.rewards]
+    settings["rewards"] = [asdict(r) for r in config.rewards]
     settings["prompts"] = {"name": config.prompts.name, "options": config.prompts.options}
     document = {"settings": settings, "models": [{"name": label, "lora": sources[label]} for label in report.models],
                 "table": report.rows, "samples": per_sample}

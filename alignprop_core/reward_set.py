@@ -3,6 +3,8 @@
     total(images) = sum_j  w_j * r_j(images, prompts, metadata)        (each r_j: [B], frozen, differentiable)
 
 Rewards come from plugins selected by name (``rewards`` in the config) or from one TRL-style ``reward_function``.
+Each ``r_j`` is averaged over the entry's ``views`` (``views.py``); in training an entry with ``normalize: running``
+contributes ``w_j * (r_j - mean_j) / std_j`` instead (``running_norm.py``), while its reported score stays raw.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from alignprop_core import plugins
 from alignprop_core.errors import PluginError
 from alignprop_core.rewards import call_reward, freeze
+from alignprop_core.running_norm import RunningNorm
+from alignprop_core.views import Views, parse_views, score_views
 
 
 @dataclass
@@ -27,6 +31,8 @@ class WeightedReward:
     weight: float
     fn: Callable[..., Any]
     trl_style: bool = False
+    views: Views = Views()
+    norm: Optional[RunningNorm] = None  # normalize: running
 
 
 class RewardSet:
@@ -38,9 +44,13 @@ class RewardSet:
             freeze(reward.fn, device)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[Any], device: Optional[torch.device | str] = None) -> "RewardSet":
-        """The config's ``rewards`` (``RewardSpec``: name, weight, options), built by their plugins."""
-        return cls([WeightedReward(s.name, s.weight, plugins.build("reward", s.name, s.options)) for s in specs],
+    def from_specs(cls, specs: Sequence[Any], device: Optional[torch.device | str] = None,
+                   gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> "RewardSet":
+        """The config's ``rewards`` (``RewardSpec``: name, weight, options, views, normalize), built by their plugins;
+        ``gather`` joins all processes' scores for the running statistics (``accelerator.gather``)."""
+        return cls([WeightedReward(s.name, s.weight, plugins.build("reward", s.name, s.options),
+                                   views=parse_views(s.views, s.name),
+                                   norm=RunningNorm(gather) if s.normalize == "running" else None) for s in specs],
                    device)
 
     @classmethod
@@ -55,11 +65,36 @@ class RewardSet:
     def trl_style(self) -> bool:
         return any(r.trl_style for r in self.rewards)
 
-    def score(self, images: torch.Tensor, prompts: list[str],
-              metadata: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weighted sum ``[B]`` and each reward's own scores, each checked against the reward contract."""
-        parts = {r.name: call_reward(r.name, r.fn, images, prompts, metadata) for r in self.rewards}
-        return sum(r.weight * parts[r.name] for r in self.rewards), parts
+    def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+              training: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum ``[B]`` and each reward's own (raw) scores, each checked against the reward contract.
+        ``training``: the objective of a training step, which updates the running statistics of the rewards with
+        ``normalize: running`` and sums their normalised scores."""
+        parts = {r.name: score_views(lambda *a, r=r: call_reward(r.name, r.fn, *a), r.views, images, prompts,
+                                     metadata) for r in self.rewards}
+        terms = []
+        for r in self.rewards:
+            if training and r.norm is not None:
+                r.norm.update(parts[r.name])
+                terms.append(r.weight * r.norm(parts[r.name]))
+            else:
+                terms.append(r.weight * parts[r.name])
+        return sum(terms), parts
+
+    def normalizer_metrics(self) -> dict[str, float]:
+        """``reward/<name>_running_mean`` and ``_running_std`` of each reward with ``normalize: running``."""
+        return {f"reward/{r.name}_running_{what}": getattr(r.norm, what) for r in self.rewards if r.norm is not None
+                for what in ("mean", "std")}
+
+    def normalizer_state(self) -> dict[str, dict[str, float]]:
+        """The running statistics by reward name, for checkpoints (``TrainerState.reward_normalizers``)."""
+        return {r.name: r.norm.state() for r in self.rewards if r.norm is not None}
+
+    def restore_normalizers(self, state: dict[str, Any]) -> None:
+        """Statistics saved by :meth:`normalizer_state` (rewards missing from ``state`` start afresh)."""
+        for r in self.rewards:
+            if r.norm is not None and isinstance(state.get(r.name), dict):
+                r.norm.restore(state[r.name])
 
     def unchecked_total(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Any:
         """TRL's ``compute_rewards``: the weighted sum of whatever the rewards return (a ``(scores, metadata)``
@@ -95,9 +130,12 @@ class RewardSet:
                               "be computed from its images argument with differentiable torch ops")
 
 
-def reward_metrics(total: torch.Tensor, components: dict[str, list[torch.Tensor]]) -> dict[str, float]:
-    """``reward_mean``/``reward_std`` of the weighted total and ``reward/<name>_mean``/``_std`` of each reward."""
-    metrics = {"reward_mean": total.mean().item(), "reward_std": _std(total)}
+def reward_metrics(total: torch.Tensor, components: dict[str, list[torch.Tensor]],
+                   rewards: Optional[RewardSet] = None) -> dict[str, float]:
+    """``reward_mean``/``reward_std`` of the weighted total (the training objective), ``reward/<name>_mean``/``_std``
+    of each reward's raw scores, and the running statistics of ``rewards`` (:meth:`RewardSet.normalizer_metrics`)."""
+    metrics = {"reward_mean": total.mean().item(), "reward_std": _std(total),
+               **(rewards.normalizer_metrics() if rewards is not None else {})}
     for name, values in components.items():
         joined = torch.cat(values).float()
         metrics[f"reward/{name}_mean"] = joined.mean().item()

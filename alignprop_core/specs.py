@@ -7,15 +7,25 @@ from dataclasses import dataclass, field, is_dataclass
 from typing import Any
 
 from alignprop_core.errors import ConfigError
+from alignprop_core.running_norm import parse_normalize
+from alignprop_core.views import parse_views
 
 
 @dataclass
 class RewardSpec:
-    """One reward of the weighted sum: ``name`` (as registered by a plugin), ``weight``, factory ``options``."""
+    """One reward of the weighted sum: ``name`` (as registered by a plugin), ``weight``, factory ``options``,
+    the ``views`` it scores (``views.py``) and its training-score ``normalize`` (``running_norm.py``)."""
 
     name: str
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    views: str = "center"
+    normalize: str = "none"
+
+    def __post_init__(self) -> None:
+        owner = f"rewards: '{self.name}'"
+        self.views = str(parse_views(self.views, owner))
+        self.normalize = parse_normalize(self.normalize, owner)
 
 
 @dataclass
@@ -24,6 +34,10 @@ class PluginSpec:
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+
+
+#: the keys a reward entry may have
+REWARD_ENTRY_KEYS = ("name", "weight", "options", "views", "normalize")
 
 
 def parse_reward_shorthand(item: str) -> dict[str, Any]:
@@ -68,8 +82,8 @@ def as_rewards(value: Any, field: str = "rewards") -> list[RewardSpec]:
             continue
         if isinstance(item, str):
             item = parse_reward_shorthand(item)
-        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "weight", "options"}:
-            raise ConfigError(f"{field}: each entry needs 'name' and optional 'weight' and 'options', "
+        if not isinstance(item, dict) or "name" not in item or set(item) - set(REWARD_ENTRY_KEYS):
+            raise ConfigError(f"{field}: each entry needs 'name' and optional {', '.join(REWARD_ENTRY_KEYS[1:])}, "
                               f"got {item!r}")
         options = item.get("options") or {}
         if not isinstance(options, dict):
@@ -82,5 +96,6 @@ def as_rewards(value: Any, field: str = "rewards") -> list[RewardSpec]:
                 pass
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ConfigError(f"{field}: weight of '{item['name']}' must be a number, got {weight!r}")
-        specs.append(RewardSpec(str(item["name"]), float(weight), dict(options)))
+        specs.append(RewardSpec(str(item["name"]), float(weight), dict(options), item.get("views", "center"),
+                                item.get("normalize", "none")))
     return specs

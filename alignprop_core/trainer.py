@@ -103,8 +103,7 @@ class AlignPropTrainer(TRLTrainerMethods):
         self.output_dir = Path(config.output_dir)
 
         # Everything that can be wrong with names, paths and folders is checked before any model is loaded.
-        model_path, self.resume_dir = preflight(config, reward_function is None, prompt_function is None,
-                                                pipe is None)
+        model_path, self.resume_dir = preflight(config, reward_function is None, prompt_function is None, pipe is None)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
 
@@ -124,7 +123,7 @@ class AlignPropTrainer(TRLTrainerMethods):
         self.prompt_fn = prompt_function or plugins.build("prompt source", config.prompts.name,
                                                           config.prompts.options)
         self.rewards = (RewardSet.from_function(reward_function, accelerator.device) if reward_function is not None
-                        else RewardSet.from_specs(config.rewards, accelerator.device))
+                        else RewardSet.from_specs(config.rewards, accelerator.device, accelerator.gather))
         self.eval_rounds = EvalRounds(config, self.rewards, accelerator.device, self.output_dir)  # + held-out
         self.image_loggers = [plugins.build("image logger", s.name, s.options, output_dir=str(self.output_dir))
                               for s in config.image_loggers]
@@ -285,7 +284,8 @@ class AlignPropTrainer(TRLTrainerMethods):
         # the loss over all processes' samples (each process's own loss only covers its share of the batch)
         kl = torch.stack(kls).mean().item() if kls else None
         loss = self.calculate_loss(total).item() + (config.kl_weight * kl if kl is not None else 0.0)
-        metrics = {**reward_metrics(total, components), "loss": loss, **({"kl": kl} if kl is not None else {}),
+        self.state.reward_normalizers = self.rewards.normalizer_state()
+        metrics = {**reward_metrics(total, components, self.rewards), "loss": loss, **({"kl": kl} if kls else {}),
                    "grad_norm": grad_norm, "k": sum(ks) / len(ks), "step_time": time.perf_counter() - start,
                    "lr": self.optimizer.param_groups[0]["lr"], "skipped_nonfinite": float(nonfinite),
                    "nonfinite_steps": float(self.state.nonfinite_total)}
@@ -335,8 +335,8 @@ class AlignPropTrainer(TRLTrainerMethods):
 
     def score(self, images: torch.Tensor, prompts: list[str],
               metadata: list[dict]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted sum of the rewards (``[B]``) and each reward's own scores (``RewardSet.score``)."""
-        return self.rewards.score(images, prompts, metadata)
+        """The training objective (``[B]``) and each reward's own scores (``RewardSet.score``)."""
+        return self.rewards.score(images, prompts, metadata, training=True)
 
     # ------------------------------------------------------------------ evaluation and sampling
     @torch.no_grad()
@@ -436,6 +436,7 @@ class AlignPropTrainer(TRLTrainerMethods):
         """Load the checkpoint in ``resume_dir`` after checking it was trained with this run's settings."""
         checkpoints.resume(self.accelerator, self.resume_dir, self.state)
         self.eval_rounds.early_stopping.restore(self.state.early_stopping)
+        self.rewards.restore_normalizers(self.state.reward_normalizers)
         self.accelerator.print(f"resumed from {self.resume_dir} at step {self.state.global_step}")
 
     # ------------------------------------------------------------------ set-up helpers
