@@ -415,3 +415,4 @@ def resume(accelerator: Any, directory: Path, state: TrainerState) -> None:
     state.nonfinite_total = saved.nonfinite_total
     state.nonfinite_in_a_row = saved.nonfinite_in_a_row
     state.early_stopping = saved.early_stopping
+    state.reward_normalizers = saved.reward_normalizers

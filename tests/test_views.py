@@ -191,3 +191,23 @@ def test_normalizer_state_survives_a_trainer_state_checkpoint(tmp_path):
     resumed.restore_normalizers(loaded.reward_normalizers)
     assert resumed.normalizer_metrics() == rewards.normalizer_metrics()
     assert list(rewards.normalizer_state()) == ["saturation"]
+
+
+def test_a_resumed_run_continues_with_the_same_running_statistics_and_weights(tiny_config):
+    """Train 3 steps straight, and 2 + resume 1: same LoRA bitwise and same statistics (they are in the objective)."""
+    from alignprop_core import AlignPropTrainer
+
+    rewards = [{"name": "saturation", "normalize": "running", "views": "tiles:2"}, "contrast:0.5"]
+
+    def lora(trainer):
+        return torch.cat([p.detach().flatten() for p in trainer.trainable_params])
+
+    straight = AlignPropTrainer(tiny_config(num_epochs=3, rewards=rewards,
+                                            output_dir=str(tiny_config().output_dir) + "-straight"))
+    straight.train()
+    AlignPropTrainer(tiny_config(num_epochs=2, rewards=rewards, save_freq=1)).train()
+    resumed = AlignPropTrainer(tiny_config(num_epochs=3, rewards=rewards, save_freq=1, resume_from="latest"))
+    resumed.train()  # loads the checkpoint of step 2 (4 scores seen), then trains step 3
+    assert resumed.rewards.normalizer_state()["saturation"]["count"] == 6
+    assert resumed.rewards.normalizer_state() == straight.rewards.normalizer_state()
+    assert torch.equal(lora(resumed), lora(straight))
