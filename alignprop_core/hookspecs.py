@@ -26,7 +26,9 @@ hookimpl = HookimplMarker("alignprop")
 def register_rewards(register):
     """Register differentiable rewards by name.
 
-    Call ``register(name, factory, description="")``. ``factory(**options)`` is called with the ``options``
+    Call ``register(name, factory, description="", details=None)``. ``details``: optional strings under ``source``,
+    ``license``, ``scale``, ``input_size``, ``suits``, shown by ``alignprop rewards --details``.
+    ``factory(**options)`` is called with the ``options``
     mapping of the config entry that selects this reward (``rewards: [{name, weight, options}]``) and returns the
     reward: a callable ``reward(images, prompts, metadata) -> Tensor`` where
 
@@ -42,6 +44,9 @@ def register_rewards(register):
     with images on that device. The trainer checks every result (a float tensor ``[B]`` with a ``grad_fn``; a TRL-style
     ``(rewards, info)`` tuple is accepted). Factories should import heavy libraries lazily and load weights only when
     called.
+
+    A config entry's ``views`` and ``normalize`` are applied by the core around the reward (it is then called on
+    ``V * B`` crops, prompts and metadata repeated): a reward just scores the images it gets, at any size.
 
     Optional: a reward with a method ``embed_images(images) -> Tensor[B, D]`` (its image embedding, no gradient
     needed) can serve as the features of the eval diversity measure (``eval_diversity_features: <name>``).
