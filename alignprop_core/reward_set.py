@@ -19,7 +19,7 @@ from alignprop_core import plugins
 from alignprop_core.errors import PluginError
 from alignprop_core.rewards import call_reward, freeze
 from alignprop_core.running_norm import RunningNorm
-from alignprop_core.views import Views, parse_views, score_views
+from alignprop_core.views import Views, parse_views, view_boxes
 
 
 @dataclass
@@ -128,6 +128,18 @@ class RewardSet:
         if grad is None:
             raise PluginError("the rewards do not depend on the images (no gradient reaches them); a reward must "
                               "be computed from its images argument with differentiable torch ops")
+
+
+def score_views(score: Callable[..., torch.Tensor], views: Views, images: torch.Tensor, prompts: list[str],
+                metadata: list[dict]) -> torch.Tensor:
+    """``score(images, prompts, metadata) -> [B]`` averaged over ``views`` of each image (``views.py``; ``center``:
+    one call on the images as they are). The views go to the reward as one batch, prompts and metadata repeated."""
+    if views.kind == "center":
+        return score(images, prompts, metadata)
+    boxes = view_boxes(views, *images.shape[-2:], images)
+    crops = torch.cat([images[..., top:top + side, left:left + side] for top, left, side in boxes])
+    scores = score(crops, list(prompts) * len(boxes), list(metadata) * len(boxes))
+    return scores.view(len(boxes), images.shape[0]).mean(dim=0)
 
 
 def reward_metrics(total: torch.Tensor, components: dict[str, list[torch.Tensor]],

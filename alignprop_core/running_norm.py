@@ -16,11 +16,12 @@ scores (its numbers stay comparable across rounds); only the training objective 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from alignprop_core.errors import ConfigError
+
+if TYPE_CHECKING:  # tensor methods only: the config parses `normalize` without importing torch
+    import torch
 
 NORMALIZE_CHOICES = ("none", "running")
 
@@ -53,7 +54,7 @@ class RunningNorm:
         batch = scores.detach().float()
         if self.gather is not None:
             batch = self.gather(batch)
-        batch = batch[torch.isfinite(batch)].double()  # a NaN step is skipped by the trainer: keep it out too
+        batch = batch[batch.isfinite()].double()  # a NaN step is skipped by the trainer: keep it out too
         n = batch.numel()
         if n == 0:
             return

@@ -16,18 +16,21 @@ views of each image and averages::
   same images get the same crops again (resume, re-scoring), with no RNG state to save.
 
 All views of a batch have one size, so the reward sees them as one batch of ``V * B`` images (its memory grows V
-times); prompts and metadata are repeated per view.
+times); prompts and metadata are repeated per view (``reward_set.score_views``). This module only parses the option
+and places the views; it imports no torch, so the CLI and the config stay light.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from alignprop_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 VIEW_KINDS = ("center", "tiles", "random_crops")
 HELP = "center, tiles:N (N tiles across the shorter side) or random_crops:N[:F] (N crops of F x the shorter side)"
@@ -80,8 +83,10 @@ def _spread(length: int, side: int, count: int) -> list[int]:
     return [round(i * (length - side) / (count - 1)) for i in range(count)]
 
 
-def view_boxes(views: Views, height: int, width: int, images: torch.Tensor | None = None) -> list[tuple[int, ...]]:
-    """``(top, left, side)`` of every view of an ``height x width`` image (all views share one side)."""
+def view_boxes(views: Views, height: int, width: int,
+               images: Optional[torch.Tensor] = None) -> list[tuple[int, int, int]]:
+    """``(top, left, side)`` of every view of an ``height x width`` image (all views share one side); random crops
+    are placed by a generator seeded from the pixel sum of ``images``."""
     short, long = min(height, width), max(height, width)
     side = short // views.count if views.kind == "tiles" else round(views.fraction * short)
     if side < MIN_VIEW_SIDE:
@@ -91,21 +96,5 @@ def view_boxes(views: Views, height: int, width: int, images: torch.Tensor | Non
         across, along = _spread(short, side, views.count), _spread(long, side, math.ceil(long / side))
         pairs = [(a, b) for a in across for b in along]
         return [(a, b, side) if height <= width else (b, a, side) for a, b in pairs]
-    seed = int(images.detach().double().sum().item() * 1e6) % (2 ** 63) if images is not None else 0
-    generator = torch.Generator().manual_seed(seed)
-    tops = torch.randint(0, height - side + 1, (views.count,), generator=generator).tolist()
-    lefts = torch.randint(0, width - side + 1, (views.count,), generator=generator).tolist()
-    return list(zip(tops, lefts, [side] * views.count))
-
-
-def score_views(score: Callable[..., torch.Tensor], views: Views, images: torch.Tensor, prompts: list[str],
-                metadata: list[dict]) -> torch.Tensor:
-    """``score(images, prompts, metadata) -> [B]`` averaged over ``views`` of each image (``center``: one call on
-    the images as they are)."""
-    if views.kind == "center":
-        return score(images, prompts, metadata)
-    height, width = images.shape[-2:]
-    boxes = view_boxes(views, height, width, images)
-    crops = torch.cat([images[..., top:top + side, left:left + side] for top, left, side in boxes])
-    scores = score(crops, list(prompts) * len(boxes), list(metadata) * len(boxes))
-    return scores.view(len(boxes), images.shape[0]).mean(dim=0)
+    draw = random.Random(repr(images.detach().double().sum().item()) if images is not None else 0)
+    return [(draw.randint(0, height - side), draw.randint(0, width - side), side) for _ in range(views.count)]

@@ -10,10 +10,10 @@ import torch
 from alignprop_core import plugin_api as api
 from alignprop_core.checkpoints import TrainerState
 from alignprop_core.errors import ConfigError
-from alignprop_core.reward_set import RewardSet, WeightedReward, reward_metrics
+from alignprop_core.reward_set import RewardSet, WeightedReward, reward_metrics, score_views
 from alignprop_core.running_norm import RunningNorm, parse_normalize
 from alignprop_core.specs import as_rewards
-from alignprop_core.views import Views, parse_views, score_views, view_boxes
+from alignprop_core.views import Views, parse_views, view_boxes
 
 
 def center_224_reward(images, prompts, metadata):
@@ -25,7 +25,8 @@ def center_224_reward(images, prompts, metadata):
 
 
 @pytest.mark.parametrize("text, expected", [
-    (None, Views()), ("center", Views()), (" tiles:2 ", Views("tiles", 2)), ("random_crops:3", Views("random_crops", 3)),
+    (None, Views()), ("center", Views()), (" tiles:2 ", Views("tiles", 2)),
+    ("random_crops:3", Views("random_crops", 3)),
     ("random_crops:4:0.25", Views("random_crops", 4, 0.25)),
 ])
 def test_views_parse(text, expected):
