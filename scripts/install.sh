@@ -12,7 +12,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c .ci/
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[test]" \
-    -e plugins/aesthetic -e plugins/hps -e plugins/pickscore -e plugins/flava-vqa -e plugins/example-reward
+    -e plugins/aesthetic -e plugins/hps -e plugins/pickscore -e plugins/flava-vqa -e plugins/example-reward \
+    -e plugins/mps
 
 # Test/CI machines without a GPU: a CPU import hook for the CUDA-built PyPI torchvision, only where it is needed.
 bash scripts/install_torchvision_cpu_hook.sh .venv/bin/python
