@@ -3,7 +3,12 @@
 The real architectures are built with random weights (nothing is downloaded) and wrapped in the plugins' own reward
 classes, frozen as when loaded. Each reward runs in a fresh subprocess, so that its peak RSS is its own. Run:
 
-    .venv/bin/python bench/reward_full_size.py --reward all|aesthetic|pickscore|hps|flava_vqa [--device cpu|cuda]
+    .venv/bin/python bench/reward_full_size.py --reward all|new|<name> [--device cpu|cuda] [--dtype bfloat16]
+        [--gradient-checkpointing]
+
+``new`` runs the second reward zoo (imagereward, clip_score, aesthetic_v25, hpsv3, mps). ``--dtype`` casts the reward
+model (the images stay float32, as in training); ``--gradient-checkpointing`` turns on the reward's own
+checkpointing where it has the option (hpsv3).
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_mib, rss_mib  # noqa: E402
 
-REWARDS = ("aesthetic", "pickscore", "hps", "flava_vqa")
+FIRST_ZOO = ("aesthetic", "pickscore", "hps", "flava_vqa")
+NEW_ZOO = ("imagereward", "clip_score", "aesthetic_v25", "hpsv3", "mps")
+REWARDS = FIRST_ZOO + NEW_ZOO
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 COUNTING = {"questions": ["How many cats are there in this image?", "What animal is in this image?"],
             "answers": ["3", "cat"]}  # ddpo-pytorch's `counting` prompt source
@@ -80,6 +87,44 @@ def build_flava_vqa(args):
     return reward, name, ["3 cats"], [COUNTING]
 
 
+def build_clip_score(args):
+    from alignprop_reward_clipscore import CLIPScoreReward
+    from transformers import CLIPConfig, CLIPModel
+
+    from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
+    from alignprop_core.tiny import tiny_clip_tokenizer  # no vocab file offline; only the text length matters
+
+    config = CLIPConfig(  # openai/clip-vit-large-patch14
+        text_config=dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"),
+        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                           image_size=224, patch_size=14, hidden_act="quick_gelu"),
+        projection_dim=768,
+    )
+    reward = CLIPScoreReward(CLIPModel(config), tiny_clip_tokenizer(), CLIP_PROCESSOR_CONFIG)
+    return reward, "CLIPModel ViT-L/14, text + image towers", [PROMPT], [{}]
+
+
+def build_mps(args):
+    from alignprop_reward_mps import CrossModel, MPSModel, MPSReward
+    from transformers import CLIPConfig, CLIPModel
+
+    from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
+    from alignprop_core.tiny import tiny_clip_tokenizer  # no vocab file offline; only the text length matters
+
+    config = CLIPConfig(  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, as MPS's base
+        text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
+        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                           image_size=224, patch_size=14, hidden_act="gelu"),
+        projection_dim=1024,
+    )
+    # Kwai-Kolors/MPS trainer/models/clip_model.py: Cross_model(dim=1024, layer_num=4, heads=16), dim_head 64, ff x4
+    model = MPSModel(CLIPModel(config), CrossModel(dim=1024, layers=4, heads=16, dim_head=64, ff_inner=4096))
+    return MPSReward(model, tiny_clip_tokenizer(), CLIP_PROCESSOR_CONFIG), "CLIP ViT-H/14 + MPS cross module", \
+        [PROMPT], [{}]
+
+
 def measure(args) -> None:
     import torch
 
@@ -90,7 +135,8 @@ def measure(args) -> None:
     torch.manual_seed(0)
     start = time.perf_counter()
     reward, what, prompts, metadata = globals()[f"build_{args.reward}"](args)
-    reward.to(args.device)
+    dtype = getattr(torch, args.dtype)
+    reward.to(args.device, dtype)  # builders honour args.gradient_checkpointing where the reward has it
     build_s = time.perf_counter() - start
     assert not reward.training and not any(p.requires_grad for p in reward.parameters())
     after_build = rss_mib()
@@ -109,7 +155,8 @@ def measure(args) -> None:
     assert torch.isfinite(images.grad).all() and all(p.grad is None for p in reward.parameters())
     peak = peak_rss_mib()
     params = sum(p.numel() for p in reward.parameters()) / 1e6
-    print(f"{args.reward}: {what}, {params:.1f} M params, fp32, {args.device}, torch {torch.__version__}, "
+    checkpointing = ", reward gradient checkpointing" if args.gradient_checkpointing else ""
+    print(f"{args.reward}: {what}, {params:.1f} M params, {args.dtype}{checkpointing}, {args.device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; build (random init) {build_s:.1f} s")
     print(f"  forward+backward 1x3x{args.size}x{args.size}: first call {times[0]:.2f} s, second {times[1]:.2f} s")
     if cuda:
@@ -121,7 +168,9 @@ def measure(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reward", default="all", choices=(*REWARDS, "all"))
+    parser.add_argument("--reward", default="all", choices=(*REWARDS, "all", "new"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -131,9 +180,10 @@ def main() -> None:
     if args.in_process and args.reward != "all":
         return measure(args)
     failed = []
-    for name in REWARDS if args.reward == "all" else (args.reward,):
+    for name in {"all": REWARDS, "new": NEW_ZOO}.get(args.reward, (args.reward,)):
         command = [sys.executable, __file__, "--in-process", "--reward", name, "--device", args.device,
-                   "--size", str(args.size), "--flava-score", args.flava_score]
+                   "--size", str(args.size), "--flava-score", args.flava_score, "--dtype", args.dtype]
+        command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         if subprocess.run(command + (["--threads", str(args.threads)] if args.threads else [])).returncode:
             failed.append(name)
     if failed:
