@@ -156,8 +156,8 @@ def measure(args) -> None:
     peak = peak_rss_mib()
     params = sum(p.numel() for p in reward.parameters()) / 1e6
     checkpointing = ", reward gradient checkpointing" if args.gradient_checkpointing else ""
-    print(f"{args.reward}: {what}, {params:.1f} M params, {args.dtype}{checkpointing}, {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; build (random init) {build_s:.1f} s")
+    print(f"{args.reward}: {what}, {params:.1f} M params, {args.dtype}{checkpointing}, {args.device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; build (random init) {build_s:.1f} s")
     print(f"  forward+backward 1x3x{args.size}x{args.size}: first call {times[0]:.2f} s, second {times[1]:.2f} s")
     if cuda:
         print(f"  peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
