@@ -105,6 +105,16 @@ def build_clip_score(args):
     return reward, "CLIPModel ViT-L/14, text + image towers", [PROMPT], [{}]
 
 
+def build_aesthetic_v25(args):
+    from alignprop_reward_aesthetic_v25 import SIGLIP_PROCESSOR_CONFIG, AestheticV25Head, AestheticV25Reward
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,  # so400m-patch14-384
+                                num_attention_heads=16, image_size=384, patch_size=14)
+    reward = AestheticV25Reward(SiglipVisionModel(config), AestheticV25Head(1152), SIGLIP_PROCESSOR_CONFIG)
+    return reward, "SigLIP so400m-patch14-384 vision tower + v2.5 head", [PROMPT], [{}]
+
+
 def build_mps(args):
     from alignprop_reward_mps import CrossModel, MPSModel, MPSReward
     from transformers import CLIPConfig, CLIPModel

@@ -13,7 +13,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c .ci/
 "${PIP[@]}" torch==2.13.0
 "${PIP[@]}" -e ".[test]" \
     -e plugins/aesthetic -e plugins/hps -e plugins/pickscore -e plugins/flava-vqa -e plugins/example-reward \
-    -e plugins/mps -e "plugins/clipscore[test]"
+    -e plugins/mps -e "plugins/clipscore[test]" \
+    -e "plugins/aesthetic-v25[test]"
 
 # Test/CI machines without a GPU: a CPU import hook for the CUDA-built PyPI torchvision, only where it is needed.
 bash scripts/install_torchvision_cpu_hook.sh .venv/bin/python
