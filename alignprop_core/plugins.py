@@ -28,7 +28,6 @@ KNOWN_REWARD_PACKAGES = {
     "imagereward": "alignprop-reward-imagereward",
     "clip_score": "alignprop-reward-clipscore",
     "aesthetic_v25": "alignprop-reward-aesthetic-v25",
-    "hpsv3": "alignprop-reward-hpsv3",
     "mps": "alignprop-reward-mps",
 }
 

@@ -115,6 +115,31 @@ def build_aesthetic_v25(args):
     return reward, "SigLIP so400m-patch14-384 vision tower + v2.5 head", [PROMPT], [{}]
 
 
+def build_imagereward(args):
+    from alignprop_reward_imagereward import ImageRewardMLP, ImageRewardReward
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    vision = BlipVisionModel(BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,  # ViT-L
+                                              num_attention_heads=16, image_size=224, patch_size=16,
+                                              layer_norm_eps=1e-6, hidden_act="gelu"))
+    text = BlipTextModel(BlipTextConfig(vocab_size=30524, hidden_size=768, intermediate_size=3072,  # med_config.json
+                                        num_hidden_layers=12, num_attention_heads=12, encoder_hidden_size=1024,
+                                        max_position_embeddings=512, bos_token_id=None, sep_token_id=None,
+                                        eos_token_id=None), add_pooling_layer=False)
+    with tempfile.TemporaryDirectory() as tmp:  # a placeholder vocab of bert-base-uncased's size (30522)
+        words = PROMPT.split()
+        vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+        vocab += [f"[unused{i}]" for i in range(30522 - len(vocab))]
+        (Path(tmp) / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = BertTokenizer.from_pretrained(tmp)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    reward = ImageRewardReward(vision, text, ImageRewardMLP(768), tokenizer)
+    return reward, "BLIP ViT-L/16 + BERT-base with cross-attention + MLP", [PROMPT], [{}]
+
+
 def build_mps(args):
     from alignprop_reward_mps import CrossModel, MPSModel, MPSReward
     from transformers import CLIPConfig, CLIPModel

@@ -171,7 +171,7 @@ def alignprop_imports(source: str) -> list[str]:
 
 @pytest.mark.parametrize("module", PLUGIN_MODULES, ids=lambda m: m.parent.name)
 def test_plugins_import_only_the_plugin_api(module):
-    assert len(PLUGIN_MODULES) == 10  # example + 4 rewards of the first zoo + 5 of the second (the glob is not empty)
+    assert len(PLUGIN_MODULES) == 9  # example + 4 rewards of the first zoo + 4 of the second (the glob is not empty)
     assert set(alignprop_imports(module.read_text())) == {"alignprop_core.plugin_api"}
 
 
@@ -520,3 +520,22 @@ def test_bad_details_fail_only_their_plugin(registered, capsys, details):
     assert "bad_details_plugin" in plugins.failed_plugins
     assert "details" in plugins.failed_plugins["bad_details_plugin"]
     plugins.failed_plugins.pop("bad_details_plugin")
+
+
+def test_every_published_reward_is_installed_documented_and_known():
+    """Each reward plugin under plugins/ is installed by scripts/install.sh, has docs/rewards/<name>.md, a row in the
+    README's rewards table, details for `alignprop rewards --details`, and its package in KNOWN_REWARD_PACKAGES."""
+    install = (ROOT / "scripts" / "install.sh").read_text()
+    readme = (ROOT / "README.md").read_text()
+    found = plugins.registrations("reward")
+    published = {n: r for n, r in found.items() if r.package and r.package.startswith("alignprop-reward-")
+                 and r.package != "alignprop-reward-example"}
+    assert set(published) == set(plugins.KNOWN_REWARD_PACKAGES)
+    for name, registration in published.items():
+        folder = next(p.parent for p in PLUGIN_MODULES if f'"{registration.package}"' in
+                      (p.parent / "pyproject.toml").read_text())
+        assert f"plugins/{folder.name}" in install, name
+        assert (ROOT / "docs" / "rewards" / f"{name}.md").is_file(), name
+        assert f"| `{name}` | `{registration.package}`" in readme, name
+        assert plugins.KNOWN_REWARD_PACKAGES[name] == registration.package
+        assert {k for k, _ in registration.details} == set(plugins.DETAIL_KEYS), name
