@@ -6,9 +6,11 @@ signatures and behaviour. The hooks themselves are documented in :mod:`alignprop
 
 - :data:`hookimpl` marks the hook implementations of a plugin module.
 - :class:`PluginError` (a :class:`AlignPropError`; :class:`ConfigError` is the config's) carries one-line messages
-  that the CLI prints as ``error: ...``; :func:`first_line` and :func:`error_text` shorten a caught exception.
+  that the CLI prints as ``error: ...``; :func:`first_line` and :func:`error_text` shorten a caught exception,
+  :func:`weights_only_error` one from ``torch.load(weights_only=True)``.
 - :class:`FrozenReward` is the base class for rewards: always in eval mode, parameters never require grad.
-- :func:`parse_dtype` reads a ``dtype`` option; :func:`looks_like_path` tells local paths from hub ids.
+- :func:`projected_features` takes the embedding out of a transformers ``get_*_features`` result (4.x or 5.x);
+  :func:`parse_dtype` reads a ``dtype`` option; :func:`looks_like_path` tells local paths from hub ids.
 - Option checkers (:func:`number`, :func:`string`, :func:`choice`, :func:`path`, :func:`read_text`,
   :func:`folder_or_hub_id`, :func:`invalid`, :func:`describe`) validate a factory's options in one-line errors.
 - Differentiable preprocessing (:func:`resize`, :func:`resize_shortest_side`, :func:`resize_longest_side_pad`,
@@ -16,7 +18,7 @@ signatures and behaviour. The hooks themselves are documented in :mod:`alignprop
   :data:`CLIP_MEAN`, :data:`CLIP_STD`, :data:`CLIP_PROCESSOR_CONFIG`) reproduces reference PIL pipelines.
 """
 
-from alignprop_core.errors import AlignPropError, ConfigError, PluginError, first_line
+from alignprop_core.errors import AlignPropError, ConfigError, PluginError, first_line, weights_only_error
 from alignprop_core.hookspecs import hookimpl
 from alignprop_core.options import (
     choice,
@@ -42,13 +44,13 @@ from alignprop_core.preprocess import (
     resize_longest_side_pad,
     resize_shortest_side,
 )
-from alignprop_core.rewards import FrozenReward, parse_dtype
+from alignprop_core.rewards import FrozenReward, parse_dtype, projected_features
 
 __all__ = [
     # hooks and errors
-    "hookimpl", "AlignPropError", "ConfigError", "PluginError", "first_line", "error_text",
+    "hookimpl", "AlignPropError", "ConfigError", "PluginError", "first_line", "error_text", "weights_only_error",
     # rewards
-    "FrozenReward", "parse_dtype", "looks_like_path",
+    "FrozenReward", "parse_dtype", "projected_features", "looks_like_path",
     # option checkers
     "number", "string", "choice", "path", "read_text", "folder_or_hub_id", "invalid", "describe",
     # preprocessing

@@ -31,6 +31,18 @@ def parse_dtype(dtype: Any, reward_name: str) -> torch.dtype:
     return DTYPES[key]
 
 
+def projected_features(out: Any) -> torch.Tensor:
+    """The embedding a transformers ``get_image_features`` / ``get_text_features`` call returned: the tensor itself
+    (transformers < 5) or the ``pooler_output`` of its output object (5.x)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return out[0]
+
+
 class FrozenReward(torch.nn.Module):
     """Base class for rewards: always in eval mode (no dropout), and its parameters never require grad.
 

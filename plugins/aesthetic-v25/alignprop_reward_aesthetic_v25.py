@@ -17,7 +17,6 @@ preprocessor_config.json).
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -142,8 +141,7 @@ def _read_head(path: str | None) -> dict[str, torch.Tensor]:
             reason = f"could not download it ({api.error_text(exc)})"
             fix = f"download {HEAD_URL} and set the option 'head' to its local path"
         else:
-            unpickling = isinstance(exc, pickle.UnpicklingError)
-            reason = "not a torch.save file of tensors only" if unpickling else api.error_text(exc)
+            reason = api.weights_only_error(exc)
             fix = f"point the option 'head' at {HEAD_FILE}"
         raise api.AlignPropError(f"aesthetic_v25: cannot read the head '{where}' ({reason}); {fix}") from None
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -10,7 +10,6 @@ Images are preprocessed with differentiable tensor ops that reproduce the CLIP m
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -180,13 +179,6 @@ def _load_clip_image_tower(source: str, dtype: torch.dtype) -> tuple[torch.nn.Mo
     return model, int(vision_config.projection_dim)
 
 
-def _load_error(exc: Exception) -> str:
-    """Why a state-dict file could not be read, in a few words (torch's weights_only message is a paragraph)."""
-    if isinstance(exc, pickle.UnpicklingError):
-        return "not a torch.save file of tensors only"
-    return api.error_text(exc)
-
-
 def _load_predictor_state(predictor: os.PathLike | None) -> tuple[dict[str, torch.Tensor], str]:
     """The predictor's state dict and where it came from: ``predictor`` (an existing file) or the hub file."""
     if predictor is None:
@@ -211,7 +203,7 @@ def _load_predictor_state(predictor: os.PathLike | None) -> tuple[dict[str, torc
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise api.AlignPropError(
-            f"aesthetic: could not read predictor '{path}' ({_load_error(exc)}); "
+            f"aesthetic: could not read predictor '{path}' ({api.weights_only_error(exc)}); "
             "set options.predictor to a .pth or .safetensors state dict of the LAION aesthetic predictor"
         ) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

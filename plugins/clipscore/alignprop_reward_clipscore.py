@@ -73,7 +73,7 @@ class CLIPScoreReward(api.FrozenReward):
         param = next(self.model.parameters())
         # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype), then cast
         pixels = self.preprocess(images.to(device=param.device, dtype=torch.float32)).to(param.dtype)
-        embeds = _features(self.model.get_image_features(pixel_values=pixels)).float()
+        embeds = api.projected_features(self.model.get_image_features(pixel_values=pixels)).float()
         return embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
 
     @torch.no_grad()
@@ -84,8 +84,8 @@ class CLIPScoreReward(api.FrozenReward):
             device = next(self.model.parameters()).device
             tokens = self.tokenizer(missing, padding=True, max_length=self.text_max_length, truncation=True,
                                     return_tensors="pt")
-            embeds = _features(self.model.get_text_features(input_ids=tokens["input_ids"].to(device),
-                                                            attention_mask=tokens["attention_mask"].to(device)))
+            embeds = api.projected_features(self.model.get_text_features(
+                input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)))
             embeds = embeds.float() / torch.linalg.vector_norm(embeds.float(), dim=-1, keepdim=True)
             for prompt, embed in zip(missing, embeds):
                 if len(self._text_cache) >= TEXT_CACHE_SIZE:
@@ -116,17 +116,6 @@ def register_rewards(register):
                  "input_size": "224x224 (shortest side, centre crop)",
                  "suits": "any family; prompt alignment (pair it with an aesthetic or preference reward)"},
     )
-
-
-def _features(out: Any) -> torch.Tensor:
-    """transformers <5 returns the projected embedding; 5.x an output object with it in ``pooler_output``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for name in ("pooler_output", "image_embeds", "text_embeds"):
-        value = getattr(out, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return out[0]
 
 
 def _load(loader: Any, source: str, option: str, what: str) -> Any:

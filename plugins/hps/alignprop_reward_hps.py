@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -50,11 +49,9 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        # torch's weights_only message is a paragraph that suggests weights_only=False: say what it means instead
-        unpickling = isinstance(exc, pickle.UnpicklingError)
-        reason = "not a torch.save file of tensors only" if unpickling else api.error_text(exc)
         raise api.AlignPropError(
-            f"hps: cannot read checkpoint '{path}' with torch.load(weights_only=True) ({reason}); point the option "
+            f"hps: cannot read checkpoint '{path}' with torch.load(weights_only=True) "
+            f"({api.weights_only_error(exc)}); point the option "
             "'checkpoint' at an HPS .pt file"
         ) from exc
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None

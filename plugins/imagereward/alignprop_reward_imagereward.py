@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -186,10 +185,9 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = ("not a torch.save file of tensors only" if isinstance(exc, pickle.UnpicklingError)
-                  else api.error_text(exc))
         raise api.AlignPropError(f"imagereward: cannot read checkpoint '{path}' with torch.load(weights_only=True) "
-                                 f"({reason}); point the option 'checkpoint' at {CHECKPOINT_FILE}") from None
+                                 f"({api.weights_only_error(exc)}); point the option 'checkpoint' at "
+                                 f"{CHECKPOINT_FILE}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not any(k.startswith("blip.visual_encoder.") for k in state):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import re
 from typing import Any
 
@@ -359,10 +358,8 @@ def _read(path: str) -> Any:
         if found:  # a pickled Python object, e.g. the published whole-module MPS_overall_checkpoint.pth
             reason = (f"it pickles a Python object (class {found.group(1)}), not a state dict, and is never "
                       f"unpickled here; {CONVERT_HINT}, or leave 'checkpoint' unset for {DEFAULT_HUB_REPO}")
-        elif isinstance(exc, pickle.UnpicklingError):
-            reason = "not a torch.save file of tensors only; point the option 'checkpoint' at an MPS state dict"
         else:
-            reason = f"{api.error_text(exc)}; point the option 'checkpoint' at an MPS state dict"
+            reason = f"{api.weights_only_error(exc)}; point the option 'checkpoint' at an MPS state dict"
         raise api.AlignPropError(
             f"mps: cannot read checkpoint '{path}' with torch.load(weights_only=True) ({reason})") from exc
 

@@ -72,7 +72,7 @@ class PickScoreReward(api.FrozenReward):
 
     def image_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (differentiable)."""
-        embeds = _features(self.model.get_image_features(pixel_values=pixel_values))
+        embeds = api.projected_features(self.model.get_image_features(pixel_values=pixel_values))
         return embeds / torch.linalg.vector_norm(embeds, dim=-1, keepdim=True)
 
     @torch.no_grad()
@@ -84,7 +84,7 @@ class PickScoreReward(api.FrozenReward):
             tokens = self.tokenizer(
                 missing, padding="max_length", max_length=self.text_max_length, truncation=True, return_tensors="pt"
             )
-            embeds = _features(
+            embeds = api.projected_features(
                 self.model.get_text_features(
                     input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
                 )
@@ -123,17 +123,6 @@ def register_rewards(register):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _features(out: Any) -> torch.Tensor:
-    """transformers <5 returns the projected embedding; 5.x an output object with it in ``pooler_output``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for name in ("pooler_output", "image_embeds", "text_embeds"):
-        value = getattr(out, name, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    return out[0]
-
-
 def _load(loader: Any, source: str, option: str, default: str, what: str) -> Any:
     """``loader(folder or hub id)`` (``source`` checked by :func:`api.folder_or_hub_id`), with a one-line error
     that names the option."""
