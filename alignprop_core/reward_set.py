@@ -98,11 +98,14 @@ class RewardSet:
 
     def unchecked_total(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Any:
         """TRL's ``compute_rewards``: the weighted sum of whatever the rewards return (a ``(scores, metadata)``
-        tuple unpacked), without the contract checks."""
+        tuple unpacked) over their views, without the contract checks."""
         total: Any = 0
         for reward in self.rewards:
-            out = reward.fn(images, prompts, metadata)
-            total = total + reward.weight * (out[0] if isinstance(out, tuple) and len(out) == 2 else out)
+            def scores(*args: Any, fn: Callable[..., Any] = reward.fn) -> Any:
+                out = fn(*args)
+                return out[0] if isinstance(out, tuple) and len(out) == 2 else out
+
+            total = total + reward.weight * score_views(scores, reward.views, images, prompts, metadata)
         return total
 
     def check_or_warn(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> Optional[PluginError]:

@@ -194,6 +194,13 @@ def test_normalizer_state_survives_a_trainer_state_checkpoint(tmp_path):
     assert list(rewards.normalizer_state()) == ["saturation"]
 
 
+def test_trl_compute_rewards_scores_the_same_views():
+    rewards = RewardSet.from_specs(as_rewards([{"name": "saturation", "views": "tiles:2"}, "contrast:0.5"]))
+    images = torch.rand(2, 3, 64, 96)
+    total, _ = rewards.score(images, ["p"] * 2, [{}] * 2)
+    torch.testing.assert_close(rewards.unchecked_total(images, ["p"] * 2, [{}] * 2), total)
+
+
 def test_a_resumed_run_continues_with_the_same_running_statistics_and_weights(tiny_config):
     """Train 3 steps straight, and 2 + resume 1: same LoRA bitwise and same statistics (they are in the objective)."""
     from alignprop_core import AlignPropTrainer
