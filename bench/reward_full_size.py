@@ -26,6 +26,14 @@ from common import peak_rss_mib, rss_mib  # noqa: E402
 FIRST_ZOO = ("aesthetic", "pickscore", "hps", "flava_vqa")
 NEW_ZOO = ("imagereward", "clip_score", "aesthetic_v25", "hpsv3", "mps")
 REWARDS = FIRST_ZOO + NEW_ZOO
+#: laion/CLIP-ViT-H-14-laion2B-s32B-b79K as a transformers CLIPConfig (PickScore's and MPS's architecture)
+CLIP_VIT_H = dict(
+    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=1024,
+)
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 COUNTING = {"questions": ["How many cats are there in this image?", "What animal is in this image?"],
             "answers": ["3", "cat"]}  # ddpo-pytorch's `counting` prompt source
@@ -50,13 +58,7 @@ def build_pickscore(args):
     from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
     from alignprop_core.tiny import tiny_clip_tokenizer  # no vocab file offline; only the text length matters
 
-    config = CLIPConfig(  # yuvalkirstain/PickScore_v1 = laion/CLIP-ViT-H-14-laion2B-s32B-b79K's architecture
-        text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
-        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                           image_size=224, patch_size=14, hidden_act="gelu"),
-        projection_dim=1024,
-    )
+    config = CLIPConfig(**CLIP_VIT_H)  # yuvalkirstain/PickScore_v1 has laion's ViT-H/14 architecture
     reward = PickScoreReward(CLIPModel(config), tiny_clip_tokenizer(), CLIP_PROCESSOR_CONFIG)
     return reward, "CLIPModel ViT-H/14, text + image towers", [PROMPT], [{}]
 
@@ -147,13 +149,7 @@ def build_mps(args):
     from alignprop_core.preprocess import CLIP_PROCESSOR_CONFIG
     from alignprop_core.tiny import tiny_clip_tokenizer  # no vocab file offline; only the text length matters
 
-    config = CLIPConfig(  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, as MPS's base
-        text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu"),
-        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                           image_size=224, patch_size=14, hidden_act="gelu"),
-        projection_dim=1024,
-    )
+    config = CLIPConfig(**CLIP_VIT_H)  # MPS's base
     # Kwai-Kolors/MPS trainer/models/clip_model.py: Cross_model(dim=1024, layer_num=4, heads=16), dim_head 64, ff x4
     model = MPSModel(CLIPModel(config), CrossModel(dim=1024, layers=4, heads=16, dim_head=64, ff_inner=4096))
     return MPSReward(model, tiny_clip_tokenizer(), CLIP_PROCESSOR_CONFIG), "CLIP ViT-H/14 + MPS cross module", \
