@@ -29,6 +29,7 @@ KNOWN_REWARD_PACKAGES = {
     "clip_score": "alignprop-reward-clipscore",
     "aesthetic_v25": "alignprop-reward-aesthetic-v25",
     "mps": "alignprop-reward-mps",
+    "hpsv3": "alignprop-reward-hpsv3",
 }
 
 #: The keys of a registration's ``details`` (``alignprop rewards --details``), in the order they are shown.

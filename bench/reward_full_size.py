@@ -156,6 +156,67 @@ def build_mps(args):
         [PROMPT], [{}]
 
 
+#: Qwen/Qwen2-VL-7B-Instruct's config.json (HPSv3's base), with the vocabulary HPSv3 resized to (151657 + <|Reward|>)
+QWEN2_VL_7B = dict(
+    text_config=dict(vocab_size=151658, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                     num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1e6,
+                     max_position_embeddings=32768, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+    vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2),
+)
+
+
+def build_hpsv3(args):
+    """7.6 B parameters: built on the meta device and materialised once in ``--dtype`` (float32 would need ~31 GiB);
+    the head in float32, as the plugin loads it. Qwen2's BPE vocabulary is not on disk offline: a word-level
+    tokenizer over the instruction's words stands in, which gives a sequence of about the length BPE gives."""
+    import re
+
+    import torch
+    from accelerate import init_empty_weights
+    from alignprop_reward_hpsv3 import ANSWER, INSTRUCTION, HPSv3Model, HPSv3Reward
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                "<|video_pad|>", "<|Reward|>"]
+    text = INSTRUCTION.format(text_prompt=PROMPT) + ANSWER + " system user assistant You are a helpful assistant."
+    words = dict.fromkeys(["[UNK]", *re.findall(r"\w+|[^\w\s]", text)])
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>",
+                                        additional_special_tokens=specials[1:])
+    tokenizer.chat_template = (
+        "{% for message in messages %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>{{ message['content'][1]['text'] }}<|im_end|>\n{% endfor %}"
+        "<|im_start|>assistant\n")  # Qwen2-VL's template for one user turn with one image
+    dtype = getattr(torch, args.dtype)
+    if args.layers:  # a reduced-depth run: decoder layers and vision blocks in the same proportion as 28 / 32
+        QWEN2_VL_7B["text_config"]["num_hidden_layers"] = args.layers
+        QWEN2_VL_7B["vision_config"]["depth"] = args.layers * 32 // 28
+    config = Qwen2VLConfig(**QWEN2_VL_7B, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    config._attn_implementation = "sdpa"
+    with init_empty_weights(include_buffers=False):
+        model = HPSv3Model(config)
+    model.to(dtype).rm_head.float()  # still on the meta device: nothing allocated yet
+    model.to_empty(device=args.device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight")):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if name.startswith("rm_head.") else dtype), name
+    reward = HPSv3Reward(model, tokenizer, gradient_checkpointing=args.gradient_checkpointing)
+    tokens = reward.tokens([PROMPT], 256, torch.device("cpu"))[0].shape[1]
+    depth = (f", {args.layers} of 28 decoder layers and {args.layers * 32 // 28} of 32 vision blocks"
+             if args.layers else "")
+    return reward, f"Qwen2-VL-7B + HPSv3 head (sequence {tokens} tokens, 256 of them image{depth})", [PROMPT], [{}]
+
+
 def measure(args) -> None:
     import torch
 
@@ -167,7 +228,8 @@ def measure(args) -> None:
     start = time.perf_counter()
     reward, what, prompts, metadata = globals()[f"build_{args.reward}"](args)
     dtype = getattr(torch, args.dtype)
-    reward.to(args.device, dtype)  # builders honour args.gradient_checkpointing where the reward has it
+    if args.reward != "hpsv3":  # hpsv3 is built in its dtype, its head in float32, as the plugin loads it
+        reward.to(args.device, dtype)  # builders honour args.gradient_checkpointing where the reward has it
     build_s = time.perf_counter() - start
     assert not reward.training and not any(p.requires_grad for p in reward.parameters())
     after_build = rss_mib()
@@ -176,7 +238,7 @@ def measure(args) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(2):  # the first call also encodes (and caches) the texts, where the reward has any
+    for _ in range(args.calls):  # the first call also encodes (and caches) the texts, where the reward has any
         images.grad = None
         start = time.perf_counter()
         reward(images, prompts, metadata).sum().backward()
@@ -189,7 +251,8 @@ def measure(args) -> None:
     checkpointing = ", reward gradient checkpointing" if args.gradient_checkpointing else ""
     print(f"{args.reward}: {what}, {params:.1f} M params, {args.dtype}{checkpointing}, {args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; build (random init) {build_s:.1f} s")
-    print(f"  forward+backward 1x3x{args.size}x{args.size}: first call {times[0]:.2f} s, second {times[1]:.2f} s")
+    later = f", second {times[1]:.2f} s" if len(times) > 1 else ""
+    print(f"  forward+backward 1x3x{args.size}x{args.size}: first call {times[0]:.2f} s{later}")
     if cuda:
         print(f"  peak CUDA memory allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     else:
@@ -204,6 +267,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    parser.add_argument("--layers", type=int, default=None, choices=(7, 14, 21),
+                        help="hpsv3 only: decoder layers of a reduced-depth run (vision blocks in proportion, 32/28)")
+    parser.add_argument("--calls", type=int, default=2, choices=(1, 2), help="forward+backward calls (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--flava-score", default="itm", choices=("itm", "answer_likelihood"))
     parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # one reward, this process
@@ -213,7 +279,8 @@ def main() -> None:
     failed = []
     for name in {"all": REWARDS, "new": NEW_ZOO}.get(args.reward, (args.reward,)):
         command = [sys.executable, __file__, "--in-process", "--reward", name, "--device", args.device,
-                   "--size", str(args.size), "--flava-score", args.flava_score, "--dtype", args.dtype]
+                   "--size", str(args.size), "--flava-score", args.flava_score, "--dtype", args.dtype,
+                   "--calls", str(args.calls)] + (["--layers", str(args.layers)] if args.layers else [])
         command += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         if subprocess.run(command + (["--threads", str(args.threads)] if args.threads else [])).returncode:
             failed.append(name)

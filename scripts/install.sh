@@ -15,7 +15,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c .ci/
     -e plugins/aesthetic -e plugins/hps -e plugins/pickscore -e plugins/flava-vqa -e plugins/example-reward \
     -e plugins/mps -e "plugins/clipscore[test]" \
     -e "plugins/aesthetic-v25[test]" \
-    -e "plugins/imagereward[test]"
+    -e "plugins/imagereward[test]" \
+    -e "plugins/hpsv3[test]"
 
 # Test/CI machines without a GPU: a CPU import hook for the CUDA-built PyPI torchvision, only where it is needed.
 bash scripts/install_torchvision_cpu_hook.sh .venv/bin/python
