@@ -93,7 +93,36 @@ def plot_sample_efficiency(data: dict, path: Path) -> Optional[Path]:
     return _save(plt, fig, path)
 
 
-PLOTS = {"vs_trl": plot_vs_trl, "memory_vs_k": plot_memory_vs_k, "sample_efficiency": plot_sample_efficiency}
+def plot_limits(data: dict, path: Path) -> Optional[Path]:
+    plt = _plt()
+    rows = [r for r in data["rows"] if "ratio" in r]
+    if plt is None or not rows:
+        return None
+    ks = data["plan"]["ks"]
+    names = ks + [f"{k} {spec}" for spec in data["plan"].get("compare", []) for k in ks]
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows) + 2), 4.5))
+    width = 0.85 / len(names)
+    for j, name in enumerate(names):
+        medians = [r["ratio"][name]["median"] for r in rows]
+        low = [m - r["ratio"][name]["min"] for m, r in zip(medians, rows)]
+        high = [r["ratio"][name]["max"] - m for m, r in zip(medians, rows)]
+        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(rows))], medians, width,
+               yerr=[low, high], capsize=2, label=f"K={name} step / inference")
+    ax.axhline(data["targets"]["k1_over_inference"], color="C0", linestyle="--", linewidth=0.8, label="K=1 goal 1.0")
+    ax.axhline(data["targets"]["kall_over_inference"], color="C1", linestyle="--", linewidth=0.8,
+               label="K=all goal 3.0")
+    ax.set_xticks(range(len(rows)), [r["family"] for r in rows], fontsize=8)
+    top = max(r["ratio"][name]["max"] for r in rows for name in names)
+    ax.set_ylim(0, max(3.5, top) * 1.35)  # headroom for the legend
+    ax.set_ylabel("training step / diffusers inference")
+    ax.set_title(f"A training step against plain inference ({data['plan']['size']} px, {data['plan']['steps']} "
+                 f"steps, batch {data['plan']['batch']})")
+    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    return _save(plt, fig, path)
+
+
+PLOTS = {"vs_trl": plot_vs_trl, "memory_vs_k": plot_memory_vs_k, "sample_efficiency": plot_sample_efficiency,
+         "limits": plot_limits}
 
 
 def _f(value, digits: int = 2) -> str:
@@ -142,6 +171,32 @@ def summary_markdown(results: Path, suffix: str) -> str:
             mark = _ok(ratio, data["targets"]["k50_over_k1"]) if ckpt else ""
             lines.append(f"| {'on' if ckpt else 'off'} | " + " | ".join(_f(peaks.get(k), 0) for k in ks)
                          + f" | {_f(ratio)}{mark} |")
+        lines.append("")
+    path = results / f"limits{suffix}.json"
+    if path.exists():
+        data = json.loads(path.read_text())
+        plan, t = data["plan"], data["targets"]
+        goals = {"1": t["k1_over_inference"], "all": t["kall_over_inference"]}
+        lines += [f"**A training step / plain diffusers inference of the same batch** (tiny pipelines, {plan['size']} "
+                  f"px, {plan['steps']} steps, batch {plan['batch']}, saturation reward; median (range) of "
+                  f"{plan['repeats']} repeats, both measured in one process)", "",
+                  "| family | inference s | " + " | ".join(f"K={k} step / inference" + (
+                      f" (≤ {goals[k]})" if k in goals else "") for k in plan["ks"])
+                  + "".join(f" | K={k}, {spec}" for spec in plan.get("compare", []) for k in plan["ks"]) + " |",
+                  "|---|---|" + "---|" * len(plan["ks"]) * (1 + len(plan.get("compare", [])))]
+        names = [(k, k) for k in plan["ks"]] + [(f"{k} {spec}", k) for spec in plan.get("compare", [])
+                                                for k in plan["ks"]]
+        for row in data["rows"]:
+            if "ratio" not in row:
+                lines.append(f"| {row['family']} | failed |" + " |" * len(names))
+                continue
+            cells = []
+            for name, k in names:
+                r = row["ratio"][name]
+                cells.append(f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+                             + (_ok(r["median"], goals[k]) if k in goals and name == k else ""))
+            inference = sorted(row["times_s"]["inference"])[len(row["times_s"]["inference"]) // 2]
+            lines.append(f"| {row['family']} | {inference:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     path = results / f"sample_efficiency{suffix}.json"
     if path.exists():

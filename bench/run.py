@@ -9,6 +9,7 @@ Benchmarks (``--only`` picks some):
     vs_trl             time per optimizer step and peak memory, ours / TRL AlignPropTrainer, K=1 and K=all
     memory_vs_k        our peak memory for K = 1..50, gradient checkpointing on and off
     sample_efficiency  eval reward vs images generated, ours vs TRL DDPOTrainer, one common evaluator
+    limits             a training step / plain diffusers inference of the same batch, per family and K (issue 18)
 
 Every case runs in a fresh process (so its peak memory is its own), both sides load the same pipeline folder and
 call the same reward (bench/common.py) with the same prompts, seed, batch, steps, guidance, eta and LoRA rank. On CPU
@@ -23,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +35,11 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-TARGETS = {"time_ratio": 0.7, "peak_ratio": 0.8, "k50_over_k1": 1.3}
+TARGETS = {"time_ratio": 0.7, "peak_ratio": 0.8, "k50_over_k1": 1.3, "k1_over_inference": 1.0,
+           "kall_over_inference": 3.0}
+LIMITS = {"families": ["sd", "sdxl", "sd3", "flux", "flux2-klein", "qwen-image", "z-image"], "ks": ["1", "all"],
+          "steps": 50, "batch": 2, "size": 128, "repeats": 3,  # the issue's setting: 128 px, 50 steps, batch 2
+          "compare": ["fuse_lora_prefix=false", "checkpoint_memory_budget_gb=100"]}  # the levers off / on
 
 # DDPO needs many images to move at all, so this benchmark trains the tiny pipeline in every mode (on CUDA too;
 # the full-size plan measures time and memory)
@@ -48,12 +54,15 @@ PLANS = {
         "memory_vs_k": {"pipeline": "tiny32", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 2,
                         "epochs": 2},
         "sample_efficiency": SAMPLE_EFFICIENCY,
+        "limits": LIMITS,
     },
     "quick": {
         "vs_trl": {"cases": [("tiny16", "saturation")], "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 3},
         "memory_vs_k": {"pipeline": "tiny16", "ks": [1, 10, 50], "ckpt": [1], "steps": 50, "batch": 2, "epochs": 1},
         "sample_efficiency": {"pipeline": "tiny16", "steps": 10, "ddpo_epochs": 4, "ddpo_lrs": [1e-2],
                               "ours_lr": 1e-2, "ours_batch": 4, "ours_save_at": [4, 8, 16], "eval_samples": 8},
+        "limits": {"families": ["sd", "flux"], "ks": ["1", "all"], "steps": 50, "batch": 2, "size": 128,
+                   "repeats": 2},
     },
     # seconds-long runs of the machinery for tests/test_bench.py; its figures mean nothing
     "smoke": {
@@ -61,6 +70,7 @@ PLANS = {
         "memory_vs_k": {"pipeline": "tiny16", "ks": [1, 3], "ckpt": [1, 0], "steps": 3, "batch": 1, "epochs": 1},
         "sample_efficiency": {"pipeline": "tiny16", "steps": 3, "ddpo_epochs": 1, "ddpo_lrs": [1e-2], "ours_lr": 1e-2,
                               "ours_batch": 2, "ours_save_at": [2, 4], "eval_samples": 2},
+        "limits": {"families": ["sd"], "ks": ["1", "all"], "steps": 2, "batch": 1, "size": 64, "repeats": 1},
     },
     "cuda": {
         "vs_trl": {"cases": [("sd15", "saturation"), ("sd15", "clip")], "ks": ["1", "all"], "steps": 50,
@@ -68,6 +78,7 @@ PLANS = {
         "memory_vs_k": {"pipeline": "sd15", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 1,
                         "epochs": 2},
         "sample_efficiency": SAMPLE_EFFICIENCY,
+        "limits": LIMITS,  # tiny pipelines on the CPU (bench_limits says so)
     },
 }
 
@@ -151,6 +162,25 @@ def bench_memory_vs_k(runner: Runner, plan: dict) -> dict:
     return out
 
 
+def bench_limits(runner: Runner, plan: dict) -> dict:
+    """bench/limits.py per family: each in a fresh process, inference and training steps side by side in it."""
+    if runner.args.device == "cuda":
+        print("  limits runs the tiny pipelines on the CPU; the GPU cases are not written yet", flush=True)
+    rows = []
+    for family in plan["families"]:
+        record = runner._run([sys.executable, str(BENCH / "limits.py"), "--family", family, "--ks",
+                              ",".join(plan["ks"]), "--steps", str(plan["steps"]), "--batch", str(plan["batch"]),
+                              "--size", str(plan["size"]), "--repeats", str(plan["repeats"]),
+                              *[arg for spec in plan.get("compare", []) for arg in ("--compare", spec)]],
+                             f"limits {family}")
+        rows.append({"family": family, **record})
+        if "ratio" in record:
+            print(f"  {family}: inference {statistics.median(record['times_s']['inference']):.2f} s; "
+                  + "; ".join(f"K={k} step / inference {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
+                              for k, r in record["ratio"].items()), flush=True)
+    return {"plan": plan, "rows": rows}
+
+
 def bench_sample_efficiency(runner: Runner, plan: dict) -> dict:
     """DDPO runs once per learning rate in the plan (its best curve is the one compared); alignprop once, at its
     learning rate. Every saved LoRA is scored by the same evaluator (bench/ours.py evaluate)."""
@@ -225,7 +255,9 @@ def machine() -> dict:
     return info
 
 
-BENCHMARKS = {"vs_trl": bench_vs_trl, "memory_vs_k": bench_memory_vs_k, "sample_efficiency": bench_sample_efficiency}
+BENCHMARKS = {"vs_trl": bench_vs_trl, "memory_vs_k": bench_memory_vs_k, "sample_efficiency": bench_sample_efficiency,
+              "limits": bench_limits}
+WITHOUT_PEER = ("memory_vs_k", "limits")  # the benchmarks that do not run TRL
 
 
 def main() -> None:
@@ -245,7 +277,7 @@ def main() -> None:
     unknown = [name for name in only if name not in BENCHMARKS]
     if unknown:
         parser.error(f"--only: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
-    if any(name != "memory_vs_k" for name in only) and not Path(args.peer).exists() and not args.smoke:
+    if any(name not in WITHOUT_PEER for name in only) and not Path(args.peer).exists() and not args.smoke:
         parser.error(f"--peer: {args.peer} does not exist; run 'bash bench/setup.sh' first")
     if args.device == "cuda":
         import torch

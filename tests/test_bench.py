@@ -42,10 +42,11 @@ def test_sd15_configs_are_the_published_architecture():
 
 @pytest.mark.slow
 def test_run_smoke_writes_results_plots_and_summary(tmp_path):
-    """`bench/run.py --smoke` (3 sampling steps) runs memory_vs_k and alignprop's side of sample_efficiency end to
-    end: fresh worker processes, LoRAs saved and scored by the common evaluator, JSON + PNG + summary written."""
+    """`bench/run.py --smoke` (3 sampling steps) runs memory_vs_k, alignprop's side of sample_efficiency and limits
+    end to end: fresh worker processes, LoRAs saved and scored by the common evaluator, JSON + PNG + summary written."""
     results = tmp_path / "results"
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--only", "memory_vs_k,sample_efficiency",
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--smoke", "--only",
+                           "memory_vs_k,sample_efficiency,limits",
                            "--results", str(results), "--work", str(tmp_path / "work"),
                            "--peer", str(tmp_path / "no-peer")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,10 +61,16 @@ def test_run_smoke_writes_results_plots_and_summary(tmp_path):
     assert all(isinstance(p["reward"], float) for p in ours)
     assert ours[0]["reward"] != ours[-1]["reward"]  # the LoRA was trained, saved, loaded and changes the samples
     assert "error" in efficiency["runs"]["ddpo lr=0.01"]  # no peer here: reported, not faked
-    for name in ("memory_vs_k-smoke.png", "sample_efficiency-smoke.png", "summary-smoke.md"):
+    limits = json.loads((results / "limits-smoke.json").read_text())["rows"]
+    assert [r["family"] for r in limits] == ["sd"]
+    assert limits[0]["k_drawn"] == {"1": [1, 1], "all": [2, 2]}  # the warm-up and one repeat, K as asked
+    assert all(t > 0 for t in limits[0]["times_s"]["inference"] + limits[0]["times_s"]["1"])
+    assert limits[0]["ratio"]["1"]["median"] == limits[0]["times_s"]["1"][0] / limits[0]["times_s"]["inference"][0]
+    for name in ("memory_vs_k-smoke.png", "sample_efficiency-smoke.png", "limits-smoke.png", "summary-smoke.md"):
         assert (results / name).stat().st_size > 0
     summary = (results / "summary-smoke.md").read_text()
     assert "Peak memory vs truncation depth" in summary and "| alignprop |" in summary
+    assert "| sd |" in summary and "training step / plain diffusers inference" in summary
 
 
 def test_run_refuses_a_missing_peer_with_one_line(tmp_path):
