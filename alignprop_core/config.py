@@ -102,6 +102,11 @@ class AlignPropConfig:
                          "averaged (>= 1)")
     gradient_checkpointing: bool = _f(True, "recompute each denoiser call in backward instead of storing its "
                                       "activations")
+    checkpoint_memory_budget_gb: Optional[float] = _f(None, "with gradient_checkpointing: keep the activations of "
+                                                      "as many calls with gradients as fit in this many GB and "
+                                                      "recompute only the rest (empty: recompute every call)")
+    fuse_lora_prefix: bool = _f(True, "run the denoiser calls without gradients with the LoRA folded into the base "
+                                "weights (restored bit for bit before the first call with gradients)")
     block_checkpointing: bool = _f(False, "also checkpoint each block inside the denoiser (less memory for one "
                                    "call's backward: large transformers at 1024 px), ~1 more forward per grad call")
     vae_checkpointing: bool = _f(False, "checkpoint each block of the VAE decoder (where memory peaks at 1024 px: "
@@ -318,6 +323,11 @@ class AlignPropConfig:
         check_monitoring(self)
         for name in ("seed", "eval_seed"):
             require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
+        budget = self.checkpoint_memory_budget_gb
+        require(budget is None or (math.isfinite(budget) and budget > 0), "checkpoint_memory_budget_gb", budget,
+                "empty or a finite number of GB > 0")
+        require(budget is None or self.gradient_checkpointing, "checkpoint_memory_budget_gb", budget,
+                "empty when gradient_checkpointing is false (then every call keeps its activations anyway)")
         require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,
                  "empty (torch's default) or an integer >= 1")
         for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "lora_alpha"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import random
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -20,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from alignprop_core.families import Evaluate, Family, PromptEmbeddings, family_of
 from alignprop_core.kl import BaseModelDistance
+from alignprop_core.lora import fused_lora
 from alignprop_core.prompt_cache import cache_for
 
 if TYPE_CHECKING:
@@ -62,6 +64,8 @@ def sample_images(
     unet: Optional[torch.nn.Module] = None,
     draft_lv_n: int = 0,
     kl: Optional[BaseModelDistance] = None,
+    fuse_lora: bool = False,
+    checkpoint_memory_budget_gb: Optional[float] = None,
 ) -> torch.Tensor:
     """Run the denoising chain with ``pipe.scheduler`` and decode; returns float images ``[B, 3, height, width]``
     in ``[0, 1]`` (``[draft_lv_n * B, ...]`` with DRaFT-LV under grad: draw-major, each draw the whole batch).
@@ -74,10 +78,16 @@ def sample_images(
     denoiser) defaults to the family's (``pipe.unet``); pass the accelerate-prepared (DDP-wrapped) one when
     training so that gradients are synchronised across processes. With ``gradient_checkpointing`` each denoiser
     call under grad stores only its inputs and is recomputed during backward. ``kl`` (:mod:`alignprop_core.kl`)
-    records each call with gradients against the base model's prediction.
+    records each call with gradients against the base model's prediction. ``fuse_lora`` runs the calls without a
+    graph (only when grad is enabled) with the LoRA folded into the base weights (:func:`~alignprop_core.lora.
+    fused_lora`), restored bit for bit before the first call with gradients. ``checkpoint_memory_budget_gb`` (with
+    ``gradient_checkpointing``) keeps the activations of as many calls with gradients as fit and recomputes the rest
+    (see :func:`_evaluator`).
     """
     family = family_of(pipe)
-    evaluate = _evaluator(family, unet if unet is not None else family.denoiser(pipe), gradient_checkpointing)
+    budget = None if checkpoint_memory_budget_gb is None else int(checkpoint_memory_budget_gb * 1e9)
+    evaluate = _evaluator(family, unet if unet is not None else family.denoiser(pipe), gradient_checkpointing,
+                          budget)
     if kl is not None:
         evaluate = kl.wrap(evaluate)
     scheduler = pipe.scheduler
@@ -94,13 +104,21 @@ def sample_images(
     first_grad_step = chain if lv else chain - min(max(grad_steps, 0), chain)
     before_last = None
 
-    for i, t in enumerate(timesteps):
-        if lv and i == chain - 1:
-            before_last = copy.deepcopy(scheduler)  # the state the last step starts from, for the LV draws
-        with torch.set_grad_enabled(grad and i >= first_grad_step):
-            prediction = family.guided_prediction(evaluate, scheduler, latents, t, denoiser_kwargs, guidance_scale,
-                                                  embeddings.guided)
-            latents = scheduler.step(prediction, t, latents, **step_kwargs, return_dict=False)[0]
+    def denoise(steps: range, latents: torch.Tensor) -> torch.Tensor:
+        nonlocal before_last
+        for i in steps:
+            if lv and i == chain - 1:
+                before_last = copy.deepcopy(scheduler)  # the state the last step starts from, for the LV draws
+            with torch.set_grad_enabled(grad and i >= first_grad_step):
+                prediction = family.guided_prediction(evaluate, scheduler, latents, timesteps[i], denoiser_kwargs,
+                                                      guidance_scale, embeddings.guided)
+                latents = scheduler.step(prediction, timesteps[i], latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    # the calls without a graph may run with the LoRA folded into the base weights (restored exactly after)
+    with fused_lora(family.denoiser(pipe)) if fuse_lora and grad and first_grad_step > 0 else nullcontext():
+        latents = denoise(range(first_grad_step), latents)
+    latents = denoise(range(first_grad_step, chain), latents)
 
     if lv:
         latents = _draft_lv_last_step(pipe, family, evaluate, before_last, latents, timesteps[-1], embeddings,
@@ -109,10 +127,40 @@ def sample_images(
         return family.decode(pipe, latents)
 
 
-def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing: bool) -> Evaluate:
-    """``evaluate(model_input, t, kwargs)``: one denoiser call, checkpointed when grad is on and asked for."""
+def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing: bool,
+               memory_budget_bytes: Optional[int] = None) -> Evaluate:
+    """``evaluate(model_input, t, kwargs)``: one denoiser call, checkpointed when grad is on and asked for.
+
+    With ``memory_budget_bytes`` (selective checkpointing) calls keep their activations while they fit in the budget
+    and only the rest are recomputed, which saves one forward per kept call and gives the same gradients. The first
+    call with gradients is kept and measured (the bytes autograd saves, frozen weights not counted); it is held even
+    when it alone exceeds the budget, as the backward of a checkpointed call holds one call's activations anyway.
+    """
+    kept = {"bytes": 0, "per_call": None}
+
+    def stored_call(model_input: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        if kept["per_call"] is None:
+            weights = {p.untyped_storage().data_ptr() for p in denoiser.parameters()}
+            saved = [0]
+
+            def pack(tensor: torch.Tensor) -> torch.Tensor:
+                if tensor.untyped_storage().data_ptr() not in weights:
+                    saved[0] += tensor.untyped_storage().nbytes()
+                return tensor
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                out = family.call_denoiser(denoiser, model_input, t, kwargs)
+            kept["per_call"] = saved[0]
+        else:
+            out = family.call_denoiser(denoiser, model_input, t, kwargs)
+        kept["bytes"] += kept["per_call"]
+        return out
+
     def evaluate(model_input: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         if torch.is_grad_enabled() and gradient_checkpointing:
+            if memory_budget_bytes is not None and (kept["per_call"] is None
+                                                    or kept["bytes"] + kept["per_call"] <= memory_budget_bytes):
+                return stored_call(model_input, t, kwargs)
             # Reentrant checkpointing runs the forward without building the denoiser's inner autograd graph: one
             # node per call. The non-reentrant variant keeps every inner node alive until backward; on CPU those
             # small long-lived allocations fragment the heap, and peak RSS grew with K (K=50 vs K=1 at 32x32
@@ -123,6 +171,7 @@ def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing
             return checkpoint(family.call_denoiser, denoiser, model_input, t, kwargs, use_reentrant=True)
         return family.call_denoiser(denoiser, model_input, t, kwargs)
 
+    evaluate.kept = kept  # for tests and benchmarks: bytes kept, bytes per call
     return evaluate
 
 
@@ -187,4 +236,6 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
     return sample_images(pipe, embeddings, num_steps=config.sample_num_steps,
                          guidance_scale=config.sample_guidance_scale, eta=config.sample_eta, height=height, width=width,
                          grad_steps=grad_steps, generator=generator, unet=unet, draft_lv_n=draft_lv_n,
-                         gradient_checkpointing=config.gradient_checkpointing, kl=kl)
+                         gradient_checkpointing=config.gradient_checkpointing, kl=kl,
+                         fuse_lora=config.fuse_lora_prefix and config.use_lora,
+                         checkpoint_memory_budget_gb=config.checkpoint_memory_budget_gb)

@@ -29,7 +29,7 @@ def _config(args: argparse.Namespace, output_dir: str, **overrides):
                   train_batch_size=args.batch, train_learning_rate=args.lr,
                   mixed_precision="fp16" if args.device == "cuda" else "no",
                   gradient_checkpointing=bool(args.ckpt), eval_num_samples=0, output_dir=output_dir,
-                  save_freq=10**9, **truncation)
+                  save_freq=10**9, checkpoint_memory_budget_gb=args.budget_gb, **truncation)
     fields.update(overrides)
     return AlignPropConfig(**fields)
 
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--reward", default="saturation", choices=sorted(REWARDS))
     parser.add_argument("--k", default="1", help="K (int), 'all' (full backprop), or a truncation mode (uniform)")
     parser.add_argument("--ckpt", type=int, default=1, help="gradient checkpointing 1/0")
+    parser.add_argument("--budget-gb", type=float, default=None,
+                        help="checkpoint_memory_budget_gb (selective checkpointing; needs --ckpt 1)")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=4, help="optimizer steps")
