@@ -103,8 +103,7 @@ class AlignPropConfig:
     gradient_checkpointing: bool = _f(True, "recompute each denoiser call in backward instead of storing its "
                                       "activations")
     checkpoint_memory_budget_gb: Optional[float] = _f(None, "with gradient_checkpointing: keep the activations of "
-                                                      "as many calls with gradients as fit in this many GB and "
-                                                      "recompute only the rest (empty: recompute every call)")
+                                                      "as many grad calls as fit in this many GB, recompute the rest")
     fuse_lora_prefix: bool = _f(True, "run the denoiser calls without gradients with the LoRA folded into the base "
                                 "weights (restored bit for bit before the first call with gradients)")
     block_checkpointing: bool = _f(False, "also checkpoint each block inside the denoiser (less memory for one "

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from alignprop_core import checkpoints, plugins
+from alignprop_core import checkpoints, grad_sync, plugins
 from alignprop_core.accelerator_setup import (
     flat_config,
     make_accelerator,
@@ -314,7 +314,7 @@ class AlignPropTrainer(TRLTrainerMethods):
         distance = kl.value().to(loss.device) if kl is not None else None
         if distance is not None:
             loss = loss + config.kl_weight * distance
-        accelerator.backward(loss)
+        grad_sync.backward(accelerator, self.unet, self.trainable_params, loss)  # one all-reduce per step
         return {"images": images.detach(), "prompts": prompts, "metadata": metadata, "rewards": total.detach(),
                 "reward_components": {n: v.detach() for n, v in components.items()}, "k": k, "loss": loss.item(),
                 "kl": None if distance is None else distance.detach()}

@@ -182,6 +182,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(family, tiny
     single = json.loads((tmp_path / "single" / "rank0.json").read_text())
     assert rank0["world"] == 2 and single["world"] == 1
     assert rank0["lora"] == rank1["lora"]  # gradients were synchronised
+    # by one flat all-reduce per optimizer step, none of DDP's per-bucket ones (alignprop_core/grad_sync.py)
+    assert rank0["reduces_per_step"] == [{"ddp_buckets": 0, "all_reduce": 1}] * 2
     # Same samples, same K: the synchronised gradient equals the single-process one up to float summation order.
     # Tolerances come from measurement: the SAME single-process run with 1 vs 2 threads differs by 1.3e-3 (gradient)
     # and 1.4e-3 (final LoRA) in relative norm (CFG over the sampling chain amplifies rounding; Adam amplifies
