@@ -104,8 +104,8 @@ class AlignPropConfig:
                                       "activations")
     checkpoint_memory_budget_gb: Optional[float] = _f(None, "with gradient_checkpointing: keep the activations of "
                                                       "as many grad calls as fit in this many GB, recompute the rest")
-    fuse_lora_prefix: bool = _f(True, "run the denoiser calls without gradients with the LoRA folded into the base "
-                                "weights (restored bit for bit before the first call with gradients)")
+    fuse_lora_prefix: bool = _f(True, "denoiser calls without gradients run with the LoRA folded into the weights")
+    compile_prefix: bool = _f(False, "torch.compile the denoiser for the calls without gradients (compiles once)")
     block_checkpointing: bool = _f(False, "also checkpoint each block inside the denoiser (less memory for one "
                                    "call's backward: large transformers at 1024 px), ~1 more forward per grad call")
     vae_checkpointing: bool = _f(False, "checkpoint each block of the VAE decoder (where memory peaks at 1024 px: "

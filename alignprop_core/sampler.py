@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import random
+import weakref
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -66,6 +67,7 @@ def sample_images(
     kl: Optional[BaseModelDistance] = None,
     fuse_lora: bool = False,
     checkpoint_memory_budget_gb: Optional[float] = None,
+    compile_prefix: bool = False,
 ) -> torch.Tensor:
     """Run the denoising chain with ``pipe.scheduler`` and decode; returns float images ``[B, 3, height, width]``
     in ``[0, 1]`` (``[draft_lv_n * B, ...]`` with DRaFT-LV under grad: draw-major, each draw the whole batch).
@@ -82,7 +84,8 @@ def sample_images(
     graph (only when grad is enabled) with the LoRA folded into the base weights (:func:`~alignprop_core.lora.
     fused_lora`), restored bit for bit before the first call with gradients. ``checkpoint_memory_budget_gb`` (with
     ``gradient_checkpointing``) keeps the activations of as many calls with gradients as fit and recomputes the rest
-    (see :func:`_evaluator`).
+    (see :func:`_evaluator`). ``compile_prefix`` runs the calls without a graph (when grad is enabled) through
+    ``torch.compile`` of the denoiser, compiled once per denoiser (:func:`compiled_denoiser`).
     """
     family = family_of(pipe)
     budget = None if checkpoint_memory_budget_gb is None else int(checkpoint_memory_budget_gb * 1e9)
@@ -104,7 +107,7 @@ def sample_images(
     first_grad_step = chain if lv else chain - min(max(grad_steps, 0), chain)
     before_last = None
 
-    def denoise(steps: range, latents: torch.Tensor) -> torch.Tensor:
+    def denoise(steps: range, latents: torch.Tensor, evaluate: Evaluate) -> torch.Tensor:
         nonlocal before_last
         for i in steps:
             if lv and i == chain - 1:
@@ -115,16 +118,31 @@ def sample_images(
                 latents = scheduler.step(prediction, timesteps[i], latents, **step_kwargs, return_dict=False)[0]
         return latents
 
-    # the calls without a graph may run with the LoRA folded into the base weights (restored exactly after)
-    with fused_lora(family.denoiser(pipe)) if fuse_lora and grad and first_grad_step > 0 else nullcontext():
-        latents = denoise(range(first_grad_step), latents)
-    latents = denoise(range(first_grad_step, chain), latents)
+    # the calls without a graph may run with the LoRA folded into the base weights (restored exactly after), and
+    # through the compiled denoiser
+    prefix = grad and first_grad_step > 0
+    prefix_evaluate = (_evaluator(family, compiled_denoiser(family.denoiser(pipe)), False) if compile_prefix and prefix
+                       else evaluate)
+    with fused_lora(family.denoiser(pipe)) if fuse_lora and prefix else nullcontext():
+        latents = denoise(range(first_grad_step), latents, prefix_evaluate)
+    latents = denoise(range(first_grad_step, chain), latents, evaluate)
 
     if lv:
         latents = _draft_lv_last_step(pipe, family, evaluate, before_last, latents, timesteps[-1], embeddings,
                                       draft_lv_n, height, width, guidance_scale, step_kwargs, generator)
     with torch.set_grad_enabled(grad and (grad_steps > 0 or lv)):
         return family.decode(pipe, latents)
+
+
+_COMPILED: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def compiled_denoiser(denoiser: torch.nn.Module) -> torch.nn.Module:
+    """``torch.compile(denoiser)``, made once per denoiser and kept while it lives (it shares the parameters, so
+    LoRA updates and the fused weights are seen without recompiling; measured in docs/benchmarks.md)."""
+    if denoiser not in _COMPILED:
+        _COMPILED[denoiser] = torch.compile(denoiser)
+    return _COMPILED[denoiser]
 
 
 def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing: bool,
@@ -238,4 +256,5 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
                          grad_steps=grad_steps, generator=generator, unet=unet, draft_lv_n=draft_lv_n,
                          gradient_checkpointing=config.gradient_checkpointing, kl=kl,
                          fuse_lora=config.fuse_lora_prefix and config.use_lora,
-                         checkpoint_memory_budget_gb=config.checkpoint_memory_budget_gb)
+                         checkpoint_memory_budget_gb=config.checkpoint_memory_budget_gb,
+                         compile_prefix=config.compile_prefix)
