@@ -15,7 +15,8 @@ signatures and behaviour. The hooks themselves are documented in :mod:`alignprop
   :func:`folder_or_hub_id`, :func:`invalid`, :func:`describe`) validate a factory's options in one-line errors.
 - Differentiable preprocessing (:func:`resize`, :func:`resize_shortest_side`, :func:`resize_longest_side_pad`,
   :func:`normalize`, :func:`image_processor_preprocess`, :func:`read_image_processor_config`, :func:`check_images`,
-  :data:`CLIP_MEAN`, :data:`CLIP_STD`, :data:`CLIP_PROCESSOR_CONFIG`) reproduces reference PIL pipelines.
+  :func:`check_prompts`, :data:`CLIP_MEAN`, :data:`CLIP_STD`, :data:`CLIP_PROCESSOR_CONFIG`) reproduces reference PIL
+  pipelines.
 """
 
 from alignprop_core.errors import AlignPropError, ConfigError, PluginError, first_line, weights_only_error
@@ -37,6 +38,7 @@ from alignprop_core.preprocess import (
     CLIP_PROCESSOR_CONFIG,
     CLIP_STD,
     check_images,
+    check_prompts,
     image_processor_preprocess,
     normalize,
     read_image_processor_config,
@@ -55,5 +57,5 @@ __all__ = [
     "number", "string", "choice", "path", "read_text", "folder_or_hub_id", "invalid", "describe",
     # preprocessing
     "resize", "resize_shortest_side", "resize_longest_side_pad", "normalize", "image_processor_preprocess",
-    "read_image_processor_config", "check_images", "CLIP_MEAN", "CLIP_STD", "CLIP_PROCESSOR_CONFIG",
+    "read_image_processor_config", "check_images", "check_prompts", "CLIP_MEAN", "CLIP_STD", "CLIP_PROCESSOR_CONFIG",
 ]

@@ -138,6 +138,13 @@ def image_processor_preprocess(images: torch.Tensor, config: dict) -> torch.Tens
     return images
 
 
+def check_prompts(prompts: Any, count: int, reward_name: str) -> None:
+    """Raise a one-line :class:`AlignPropError` unless ``prompts`` is a list of ``count`` prompts (one per image)."""
+    if isinstance(prompts, str) or len(prompts) != count:
+        n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
+        raise AlignPropError(f"{reward_name}: got {count} images but {n}; pass one prompt per image (a list)")
+
+
 def check_images(images: Any, reward_name: str) -> None:
     """Raise a one-line :class:`AlignPropError` unless ``images`` is a float tensor ``[B, 3, H, W]``."""
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:

@@ -211,6 +211,16 @@ def test_check_images_is_a_one_line_error_naming_the_reward(images, shown):
     api.check_images(torch.rand(2, 3, 5, 7), "my_reward")  # a good batch passes
 
 
+@pytest.mark.parametrize("prompts, shown", [("a cat", "a single string"), (["a cat"], "1 prompts"),
+                                            (["a", "b", "c"], "3 prompts")])
+def test_check_prompts_wants_one_prompt_per_image(prompts, shown):
+    with pytest.raises(AlignPropError) as info:
+        api.check_prompts(prompts, 2, "my_reward")
+    assert str(info.value) == f"my_reward: got 2 images but {shown}; pass one prompt per image (a list)"
+    api.check_prompts(["a cat", "a dog"], 2, "my_reward")  # one per image passes
+    api.check_prompts(("a cat", "a dog"), 2, "my_reward")  # a tuple too
+
+
 @pytest.mark.parametrize("name, function", [
     ("resize", lambda x: api.resize(x, 24, 20)),
     ("resize_shortest_side", lambda x: api.resize_shortest_side(x, 16)),

@@ -95,10 +95,7 @@ class CLIPScoreReward(api.FrozenReward):
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         api.check_images(images, REWARD_NAME)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise api.AlignPropError(f"clip_score: got {images.shape[0]} images but {n}; pass one prompt per image "
-                                     "(a list)")
+        api.check_prompts(prompts, images.shape[0], REWARD_NAME)
         image = self.embed_images(images)
         text = self.text_embeds(list(prompts)).to(image.device)
         return SCALE * (image * text).sum(dim=-1).clamp(min=0)

@@ -215,10 +215,7 @@ class HPSv3Reward(api.FrozenReward):
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         api.check_images(images, REWARD_NAME)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise api.AlignPropError(f"hpsv3: got {images.shape[0]} images but {n}; pass one prompt per image "
-                                     "(a list)")
+        api.check_prompts(prompts, images.shape[0], REWARD_NAME)
         device = self.model.rm_head[0].weight.device
         # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype)
         patches, grids = self.preprocess(images.to(device=device, dtype=torch.float32))

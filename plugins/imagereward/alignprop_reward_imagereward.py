@@ -123,10 +123,7 @@ class ImageRewardReward(api.FrozenReward):
 
     def forward(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         api.check_images(images, REWARD_NAME)
-        if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-            n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-            raise api.AlignPropError(f"imagereward: got {images.shape[0]} images but {n}; pass one prompt per image "
-                                     "(a list)")
+        api.check_prompts(prompts, images.shape[0], REWARD_NAME)
         param = next(self.vision.parameters())
         # resize/normalise in float32 (antialiased bicubic is not implemented for every half dtype), then cast
         pixels = self.preprocess(images.to(device=param.device, dtype=torch.float32)).to(param.dtype)

@@ -438,6 +438,4 @@ def _build_model(state_dict: dict[str, torch.Tensor], config: Any, path: str) ->
 
 def _check_inputs(images: Any, prompts: Any) -> None:
     api.check_images(images, REWARD_NAME)
-    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-        n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-        raise api.AlignPropError(f"mps: got {images.shape[0]} images but {n}; pass one prompt per image (a list)")
+    api.check_prompts(prompts, images.shape[0], REWARD_NAME)

@@ -138,6 +138,4 @@ def _load(loader: Any, source: str, option: str, default: str, what: str) -> Any
 
 def _check_inputs(images: Any, prompts: Any) -> None:
     api.check_images(images, REWARD_NAME)
-    if isinstance(prompts, str) or len(prompts) != images.shape[0]:
-        n = "a single string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
-        raise api.AlignPropError(f"pickscore: got {images.shape[0]} images but {n}; pass one prompt per image (a list)")
+    api.check_prompts(prompts, images.shape[0], REWARD_NAME)
