@@ -88,9 +88,9 @@ def sample_images(
     ``torch.compile`` of the denoiser, compiled once per denoiser (:func:`compiled_denoiser`).
     """
     family = family_of(pipe)
+    denoiser = family.denoiser(pipe)  # unwrapped; ``unet`` may be its DDP wrapper
     budget = None if checkpoint_memory_budget_gb is None else int(checkpoint_memory_budget_gb * 1e9)
-    evaluate = _evaluator(family, unet if unet is not None else family.denoiser(pipe), gradient_checkpointing,
-                          budget)
+    evaluate = _evaluator(family, unet if unet is not None else denoiser, gradient_checkpointing, budget)
     if kl is not None:
         evaluate = kl.wrap(evaluate)
     scheduler = pipe.scheduler
@@ -121,9 +121,8 @@ def sample_images(
     # the calls without a graph may run with the LoRA folded into the base weights (restored exactly after), and
     # through the compiled denoiser
     prefix = grad and first_grad_step > 0
-    prefix_evaluate = (_evaluator(family, compiled_denoiser(family.denoiser(pipe)), False) if compile_prefix and prefix
-                       else evaluate)
-    with fused_lora(family.denoiser(pipe)) if fuse_lora and prefix else nullcontext():
+    prefix_evaluate = _evaluator(family, compiled_denoiser(denoiser), False) if compile_prefix and prefix else evaluate
+    with fused_lora(denoiser) if fuse_lora and prefix else nullcontext():
         latents = denoise(range(first_grad_step), latents, prefix_evaluate)
     latents = denoise(range(first_grad_step, chain), latents, evaluate)
 

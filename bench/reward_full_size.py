@@ -170,6 +170,7 @@ def build_hpsv3(args):
     """7.6 B parameters: built on the meta device and materialised once in ``--dtype`` (float32 would need ~31 GiB);
     the head in float32, as the plugin loads it. Qwen2's BPE vocabulary is not on disk offline: a word-level
     tokenizer over the instruction's words stands in, which gives a sequence of about the length BPE gives."""
+    import copy
     import re
 
     import torch
@@ -191,10 +192,11 @@ def build_hpsv3(args):
         "<|vision_start|><|image_pad|><|vision_end|>{{ message['content'][1]['text'] }}<|im_end|>\n{% endfor %}"
         "<|im_start|>assistant\n")  # Qwen2-VL's template for one user turn with one image
     dtype = getattr(torch, args.dtype)
+    text, vision = copy.deepcopy(QWEN2_VL_7B["text_config"]), copy.deepcopy(QWEN2_VL_7B["vision_config"])
     if args.layers:  # a reduced-depth run: decoder layers and vision blocks in the same proportion as 28 / 32
-        QWEN2_VL_7B["text_config"]["num_hidden_layers"] = args.layers
-        QWEN2_VL_7B["vision_config"]["depth"] = args.layers * 32 // 28
-    config = Qwen2VLConfig(**QWEN2_VL_7B, image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+        text["num_hidden_layers"], vision["depth"] = args.layers, args.layers * 32 // 28
+    config = Qwen2VLConfig(text_config=text, vision_config=vision,
+                           image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"))
     config._attn_implementation = "sdpa"
     with init_empty_weights(include_buffers=False):
         model = HPSv3Model(config)

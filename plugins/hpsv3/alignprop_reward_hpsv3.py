@@ -286,7 +286,9 @@ def _read_checkpoint(path: str, where: str) -> dict[str, torch.Tensor]:
                                  f"point the option 'checkpoint' at {CHECKPOINT_FILE}") from None
     state = {}
     for key, value in stored.items():
-        if key.startswith(("lm_head.", "model.visual.", "model.language_model.", "rm_head.")):
+        if key.startswith("lm_head."):
+            continue
+        if key.startswith(("model.visual.", "model.language_model.", "rm_head.")):
             state[key] = value
         elif key.startswith("visual."):
             state["model." + key] = value
@@ -294,7 +296,6 @@ def _read_checkpoint(path: str, where: str) -> dict[str, torch.Tensor]:
             state["model.language_model." + key[len("model."):]] = value
         else:
             state[key] = value
-    state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
     if "model.language_model.embed_tokens.weight" not in state or not any(k.startswith("rm_head.") for k in state):
         raise api.AlignPropError(f"hpsv3: checkpoint '{where}' is not an HPSv3 model (no embed_tokens or rm_head "
                                  f"weights); point the option 'checkpoint' at {CHECKPOINT_FILE}")
