@@ -69,14 +69,18 @@ def inference(pipe, family: str, prompts: list[str], args: argparse.Namespace, s
 
 
 def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` of ``--compare``: true/false, a number, or a string."""
-    key, _, value = text.partition("=")
-    for parse in (lambda v: {"true": True, "false": False}[v.lower()], int, float):
-        try:
-            return key, parse(value)
-        except (KeyError, ValueError):
-            pass
-    return key, value
+    """``key=value`` of ``--compare``: a config field and its value, read as the CLI reads ``--key value`` (the
+    field's declared type) and checked by ``AlignPropConfig.validate``; a one-line ConfigError otherwise."""
+    from alignprop_core.config import AlignPropConfig, field_type
+    from alignprop_core.config_files import coerce_text
+    from alignprop_core.errors import ConfigError
+
+    key, sep, value = text.partition("=")
+    if not sep or key not in AlignPropConfig.__annotations__:
+        raise ConfigError(f"--compare: expected KEY=VALUE with KEY a config field, got {text!r}")
+    parsed = coerce_text(key, field_type(key), value)
+    AlignPropConfig(**{key: parsed}).validate()
+    return key, parsed
 
 
 def trainer_for(folder: Path, family: str, k: str, args: argparse.Namespace, output_dir: str, **overrides):
@@ -106,12 +110,18 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                         help="also time each K with this config override (a lever off or on), in the same repeats")
     args = parser.parse_args()
+    from alignprop_core.errors import ConfigError
+
+    try:
+        overrides = [dict([parse_override(spec)]) for spec in args.compare]
+    except ConfigError as exc:
+        parser.error(str(exc))
     warnings.filterwarnings("ignore")
     import torch
 
     torch.set_num_threads(args.threads)
     ks = [k.strip() for k in args.ks.split(",")]
-    cases = [(k, k, {}) for k in ks] + [(f"{k} {spec}", k, dict([parse_override(spec)])) for spec in args.compare
+    cases = [(k, k, {}) for k in ks] + [(f"{k} {spec}", k, override) for spec, override in zip(args.compare, overrides)
                                         for k in ks]
     prompts = [PROMPTS[i % args.batch] for i in range(args.batch)]  # the prompts each training step draws
     with tempfile.TemporaryDirectory() as tmp:

@@ -107,3 +107,13 @@ def test_flow_gpu_cases_build_from_the_published_configs():
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         "error: --models: unknown 'flux2'; choose from flux1-dev, sd35-medium, flux2-klein-4b, qwen-image, "
         "z-image-turbo"]
+
+
+@pytest.mark.parametrize("spec, part", [("nope=1", "expected KEY=VALUE with KEY a config field"),
+                                        ("compile_prefix", "expected KEY=VALUE"),
+                                        ("fuse_lora_prefix=maybe", "fuse_lora_prefix: expected bool"),
+                                        ("checkpoint_memory_budget_gb=-1", "checkpoint_memory_budget_gb: got -1.0")])
+def test_limits_refuses_a_bad_compare_in_one_line(spec, part):
+    proc = subprocess.run([sys.executable, str(BENCH / "limits.py"), "--family", "sd", "--compare", spec],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
