@@ -11,7 +11,7 @@ transformers run at reduced depth (``MODELS[...]["reduced"]``: two blocks of eac
 blocks that occur once or twice at full size) and the per-block sizes are scaled to the full depth;
 --check-full-depth also runs the full-depth models and compares. Each model is called as alignprop's family adapter
 calls it (alignprop_core/families/), with the adapter's default LoRA targets and the sampling settings of
-bench/flow_gpu.py. docs/flow-memory.md explains the method. Run:
+bench/gpu_cases.py. docs/flow-memory.md explains the method. Run:
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/flow_memory.py [--check-full-depth] [--models a,b] [--sizes 512,1024]
         [--out bench/results/flow_memory.json]
@@ -269,7 +269,7 @@ def llm(config_class: str, model_class: str, config_file: str) -> tuple:
 
 
 # Per model: classes and configs; the alignprop family whose adapter defaults (LoRA targets) apply; sampling (steps
-# and transformer passes per step, as bench/flow_gpu.py's CASES); the text tokens each call sees (the pipelines'
+# and transformer passes per step, as bench/gpu_cases.py's CASES); the text tokens each call sees (the pipelines'
 # defaults); the text encoders; the reduced depth the activations are measured at and, per block kind, (count in the
 # full model, count in the reduced model, index of the reduced block whose increment is scaled: the second block of a
 # kind, so that what all blocks share is charged already).

@@ -38,8 +38,8 @@ def run_alignprop(args: argparse.Namespace) -> None:
         config = AlignPropConfig(
             seed=args.seed, num_epochs=args.epochs, sample_num_steps=args.steps, sample_guidance_scale=5.0,
             sample_eta=1.0, train_batch_size=args.batch, train_learning_rate=args.lr,
-            mixed_precision="fp16" if device == "cuda" else "no", save_freq=10**9, log_with=None,
-            truncated_backprop_rand=False,
+            mixed_precision=args.precision or ("fp16" if device == "cuda" else "no"), save_freq=10**9,
+            log_with=None, truncated_backprop_rand=False,
             # TRL detaches the UNet output of loop step i when i < truncated_backprop_timestep
             truncated_backprop_timestep=(args.steps - 1) if args.k == "1" else 0,
             project_kwargs={"project_dir": tmp, "logging_dir": tmp})
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--precision", default=None, choices=["no", "fp16", "bf16"],
+                        help="alignprop mode: accelerate's mixed precision (default fp16 on cuda, no on cpu)")
     parser.add_argument("--ddpo-sample-batch", type=int, default=8)
     parser.add_argument("--ddpo-batches-per-epoch", type=int, default=2)
     parser.add_argument("--ddpo-train-batch", type=int, default=4)

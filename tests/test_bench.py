@@ -7,6 +7,7 @@ exercised by `bench/run.py` itself.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -80,15 +81,19 @@ def test_run_refuses_a_missing_peer_with_one_line(tmp_path):
     assert "bash bench/setup.sh" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_flow_gpu_cases_build_from_the_published_configs():
-    """The GPU bench's real-size pipelines (FLUX.1-dev, SD3.5-medium, FLUX.2 [klein] 4B, Qwen-Image, Z-Image-Turbo)
-    build from the published configs (meta device, no weights), with the published parameter counts; an unknown
-    model is one line, exit status 1."""
-    proc = subprocess.run([sys.executable, str(BENCH / "flow_gpu.py"), "--dry-run"], capture_output=True, text=True,
+def test_gpu_cases_build_from_the_published_configs():
+    """The GPU bench's real-size pipelines (SD 1.5, SDXL base, FLUX.1-dev, SD3.5-medium, FLUX.2 [klein] 4B,
+    Qwen-Image, Z-Image-Turbo) build from the published configs (meta device, no weights), with the published
+    parameter counts; an unknown model is one line, exit status 1."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_cases.py"), "--dry-run"], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {row["model"]: row["params_b"] for row in map(json.loads, proc.stdout.splitlines())}
-    assert list(rows) == ["flux1-dev", "sd35-medium", "flux2-klein-4b", "qwen-image", "z-image-turbo"]
+    assert list(rows) == ["sd15", "sdxl-base", "flux1-dev", "sd35-medium", "flux2-klein-4b", "qwen-image",
+                          "z-image-turbo"]
+    assert rows["sd15"] == {"unet": 0.86, "vae": 0.084, "text_encoder": 0.123}
+    # SDXL base 1.0's published safetensors: UNet 2,567,463,684; text_encoder_2 (bigG + projection) 694,659,840
+    assert rows["sdxl-base"] == {"unet": 2.567, "vae": 0.084, "text_encoder": 0.123, "text_encoder_2": 0.695}
     assert rows["flux1-dev"]["transformer"] == pytest.approx(11.90, abs=0.01)
     assert rows["flux1-dev"]["text_encoder_2"] == pytest.approx(4.76, abs=0.01)  # T5-XXL encoder
     assert set(rows["sd35-medium"]) == {"vae", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer"}
@@ -102,11 +107,70 @@ def test_flow_gpu_cases_build_from_the_published_configs():
         assert rows[model][part] == pytest.approx(billions, rel=0.01), (model, part)
     for model in ("flux2-klein-4b", "qwen-image", "z-image-turbo"):
         assert set(rows[model]) == {"vae", "text_encoder", "transformer"}
-    bad = subprocess.run([sys.executable, str(BENCH / "flow_gpu.py"), "--dry-run", "--models", "flux2"],
+    bad = subprocess.run([sys.executable, str(BENCH / "gpu_cases.py"), "--dry-run", "--models", "flux2"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-        "error: --models: unknown 'flux2'; choose from flux1-dev, sd35-medium, flux2-klein-4b, qwen-image, "
-        "z-image-turbo"]
+        "error: --models: unknown 'flux2'; choose from sd15, sdxl-base, flux1-dev, sd35-medium, flux2-klein-4b, "
+        "qwen-image, z-image-turbo"]
+
+
+def test_gpu_sh_dry_run_checks_that_every_case_builds(tmp_path):
+    """`bench/gpu.sh --dry-run` on a machine without a GPU: the issue's cases in order (SD 1.5 512 px K=1 and K=50
+    beside TRL, SDXL 1024 px, the five flow models at 512 then 1024 px), each built; TRL is marked as not running
+    when its peer is missing. Bad options are one line, exit status 2."""
+    proc = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--dry-run", "--peer", str(tmp_path / "no-peer")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cases = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    labels = [c["case"] for c in cases]
+    flow = ["flux1-dev", "sd35-medium", "flux2-klein-4b", "qwen-image", "z-image-turbo"]
+    assert labels == ["alignprop sd15 512px K=1,all", "trl sd15 512px K=1", "trl sd15 512px K=all",
+                      "alignprop sdxl-base 1024px K=1"] + [f"alignprop {m} {px}px K=1" for px in (512, 1024)
+                                                            for m in flow]
+    assert all(c["builds"] for c in cases)
+    assert [c["runs"] != "yes" for c in cases] == [False, True, True] + [False] * 11
+    for argv in (["--budget-s", "nan"], ["--epochs", "0"], ["--results", str(tmp_path)]):
+        bad = subprocess.run(["bash", str(BENCH / "gpu.sh"), *argv], capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("bench/gpu.sh: error: --")
+    no_gpu = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert no_gpu.returncode == 2 and "--dry-run" in no_gpu.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_gpu_sh_smoke_keeps_its_budget_and_writes_the_results(tmp_path):
+    """`bench/gpu.py --smoke` runs the plan's processes on the CPU with tiny pipelines: each alignprop row has a
+    step time and, for the first K of a model, plain inference timed in the same process; the run stops starting
+    cases when the budget is spent and lists them as skipped, within the budget."""
+    results = tmp_path / "gpu-cuda.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--budget-s", "30", "--epochs", "2",
+                           "--results", str(results)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(results.read_text())
+    assert record["elapsed_s"] <= 30 + 5  # the last process gets what is left of the budget, and the write
+    rows = record["rows"]
+    assert [(r["model"], r["k"]) for r in rows[:2]] == [("sd15", "1"), ("sd15", "all")]
+    assert rows[0]["step_over_inference"] == pytest.approx(rows[0]["step_s"] / rows[0]["inference_s"])
+    assert rows[1]["inference_s"] is None and all(r["step_s"] > 0 for r in rows)
+    why = {s["case"]: s["why"] for s in record["skipped"]}
+    assert why["trl sd15 512px K=1"] == "--smoke runs alignprop's side only"
+    assert "alignprop z-image-turbo 1024px K=1" in why  # 14 processes do not fit into 30 s
+
+
+def test_gpu_run_keeps_the_rows_of_a_process_stopped_by_the_budget():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(BENCH))
+    row = {"model": "sd15", "size": 64, "k": "1", "step_s": 1.0}
+    script = f"import json, time; print(json.dumps({row!r}), flush=True); time.sleep(60)"
+    rows, error = gpu.run(gpu.Case("alignprop", "sd15", 64), [sys.executable, "-c", script], timeout=3)
+    assert rows == [{"side": "alignprop", **row}]
+    assert error == "stopped after 3 s: the time budget ran out"
+    rows, error = gpu.run(gpu.Case("alignprop", "sd15", 64), [sys.executable, "-c", "raise SystemExit('boom')"],
+                          timeout=30)
+    assert rows == [] and error == "exit status 1: boom"
 
 
 @pytest.mark.parametrize("spec, part", [("nope=1", "expected KEY=VALUE with KEY a config field"),
