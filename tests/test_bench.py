@@ -143,18 +143,18 @@ def test_gpu_sh_smoke_keeps_its_budget_and_writes_the_results(tmp_path):
     step time and, for the first K of a model, plain inference timed in the same process; the run stops starting
     cases when the budget is spent and lists them as skipped, within the budget."""
     results = tmp_path / "gpu-cuda.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--budget-s", "30", "--epochs", "2",
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--budget-s", "60", "--epochs", "2",
                            "--results", str(results)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(results.read_text())
-    assert record["elapsed_s"] <= 30 + 5  # the last process gets what is left of the budget, and the write
+    assert record["elapsed_s"] <= 60 + 5  # the last process gets what is left of the budget, and the write
     rows = record["rows"]
     assert [(r["model"], r["k"]) for r in rows[:2]] == [("sd15", "1"), ("sd15", "all")]
     assert rows[0]["step_over_inference"] == pytest.approx(rows[0]["step_s"] / rows[0]["inference_s"])
     assert rows[1]["inference_s"] is None and all(r["step_s"] > 0 for r in rows)
     why = {s["case"]: s["why"] for s in record["skipped"]}
     assert why["trl sd15 512px K=1"] == "--smoke runs alignprop's side only"
-    assert "alignprop z-image-turbo 1024px K=1" in why  # 14 processes do not fit into 30 s
+    assert "alignprop z-image-turbo 1024px K=1" in why  # 14 processes do not fit into 60 s
 
 
 def test_gpu_run_keeps_the_rows_of_a_process_stopped_by_the_budget():
