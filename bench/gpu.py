@@ -66,10 +66,11 @@ def command(case: Case, args: argparse.Namespace, sd15_folder: str | None) -> li
         return [str(args.peer), str(BENCH / "peer_trl.py"), "alignprop", "--pipeline", sd15_folder, "--k",
                 case.ks[0], "--steps", "50", "--batch", "1", "--epochs", str(args.epochs), "--device", "cuda",
                 "--precision", "bf16"]
-    argv = [sys.executable, str(BENCH / "gpu_cases.py"), "--models", case.model, "--sizes", str(case.size), "--ks",
+    size = 64 if args.smoke else case.size  # --smoke: the model's tiny pipeline on the CPU, 2 steps
+    argv = [sys.executable, str(BENCH / "gpu_cases.py"), "--models", case.model, "--sizes", str(size), "--ks",
             ",".join(case.ks), "--block-checkpointing", "off", "--epochs", str(args.epochs), "--results", ""]
-    if args.smoke:  # the model's tiny pipeline on the CPU, 2 steps, 64 px
-        return argv[:argv.index("--sizes") + 1] + ["64"] + argv[argv.index("--sizes") + 2:] + ["--smoke"]
+    if args.smoke:
+        return argv + ["--smoke"]
     return argv + (["--folder", sd15_folder] if case.model == "sd15" else [])
 
 
@@ -114,7 +115,7 @@ def table(rows: list[dict]) -> str:
 
 def dry_run(args: argparse.Namespace) -> None:
     """Build every model on the meta device (``gpu_cases.py --dry-run``) and print the plan."""
-    models = sorted({case.model for case in PLAN}, key=[case.model for case in PLAN].index)
+    models = list(dict.fromkeys(case.model for case in PLAN))  # in plan order, once each
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_cases.py"), "--dry-run", "--models", ",".join(models)],
                           capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
