@@ -46,6 +46,7 @@ from alignprop_core.guards import optimizer_step_keeping_weights_finite
 from alignprop_core.image_loggers import ImageLogSink
 from alignprop_core.kl import BaseModelDistance
 from alignprop_core.lora import TrainedWeights
+from alignprop_core.model_setup import apply_model_settings
 from alignprop_core.monitoring import EvalRounds
 from alignprop_core.pipelines import (
     check_steps_fit_the_scheduler,
@@ -57,7 +58,7 @@ from alignprop_core.pipelines import (
 )
 from alignprop_core.preflight import preflight
 from alignprop_core.reward_set import RewardSet, reward_metrics
-from alignprop_core.sampler import draw_truncation_k, enable_inner_checkpointing, sample_prompts
+from alignprop_core.sampler import draw_truncation_k, sample_prompts
 from alignprop_core.seeding import derive_seed, draw_prompts
 from alignprop_core.signals import StopSignals, TrainingInterrupted
 from alignprop_core.trl_methods import TRLTrainerMethods
@@ -115,8 +116,6 @@ class AlignPropTrainer(TRLTrainerMethods):
         from accelerate.utils import set_seed
 
         set_seed(config.seed)  # global RNGs; the draws that matter are seeded per sample (derive_seed)
-        if config.allow_tf32 and torch.cuda.is_available():
-            torch.backends.cuda.matmul.allow_tf32 = True
         self.weight_dtype = compute_dtype(accelerator.mixed_precision)
 
         # Prompts, rewards, loggers (reward factories may load their own models).
@@ -140,9 +139,9 @@ class AlignPropTrainer(TRLTrainerMethods):
         self.height, self.width = image_size(config, pipe)
         if not config.lora_target_modules:  # empty: the family's own
             config.lora_target_modules = list(self.family.lora_target_modules)
+        apply_model_settings(pipe, denoiser, self.family, config)  # TF32, layout, attention, checkpointing, tiles
         self.weights = TrainedWeights(self.family, self.use_lora)  # a LoRA, or the whole denoiser
         self.trainable_params = params = self.weights.attach(denoiser, config)
-        enable_inner_checkpointing(pipe, denoiser, config.block_checkpointing, config.vae_checkpointing)
         base_name = str(getattr(pipe, "name_or_path", None) or config.pretrained_model)
         self.state = TrainerState(run=checkpoints.run_description(config, self.use_lora, base_name, base_fingerprint))
         optimizer = make_optimizer(params, config)
@@ -305,16 +304,17 @@ class AlignPropTrainer(TRLTrainerMethods):
         prompts, metadata = draw_prompts(self.prompt_fn, seeds)
         kl = (BaseModelDistance(self.family, accelerator.unwrap_model(self.unet)) if config.kl_weight and self.use_lora
               else None)
-        with accelerator.autocast():
-            images, k = self._sample(prompts, seeds, where, with_grad=True, kl=kl)
-            draws = images.shape[0] // len(prompts)  # DRaFT-LV: draft_lv_n draws of the batch, draw-major
-            prompts, metadata = prompts * draws, metadata * draws
-            total, components = self.score(images, prompts, metadata)
-        loss = self.calculate_loss(total)  # DRaFT-LV: mean over draws and batch = the draws' gradients averaged
-        distance = kl.value().to(loss.device) if kl is not None else None
-        if distance is not None:
-            loss = loss + config.kl_weight * distance
-        grad_sync.backward(accelerator, self.unet, self.trainable_params, loss)  # one all-reduce per step
+        with grad_sync.one_all_reduce(accelerator, self.unet, self.trainable_params) as backward:  # one per step
+            with accelerator.autocast():
+                images, k = self._sample(prompts, seeds, where, with_grad=True, kl=kl)
+                draws = images.shape[0] // len(prompts)  # DRaFT-LV: draft_lv_n draws of the batch, draw-major
+                prompts, metadata = prompts * draws, metadata * draws
+                total, components = self.score(images, prompts, metadata)
+            loss = self.calculate_loss(total)  # DRaFT-LV: mean over draws and batch = the draws' gradients averaged
+            distance = kl.value().to(loss.device) if kl is not None else None
+            if distance is not None:
+                loss = loss + config.kl_weight * distance
+            backward(loss)
         return {"images": images.detach(), "prompts": prompts, "metadata": metadata, "rewards": total.detach(),
                 "reward_components": {n: v.detach() for n, v in components.items()}, "k": k, "loss": loss.item(),
                 "kl": None if distance is None else distance.detach()}

@@ -159,14 +159,16 @@ def test_too_many_nonfinite_steps_stop_and_keep_the_last_good_work(tiny_config):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd", "flux"])
-def test_two_processes_match_one_process_with_the_same_global_batch(family, tiny_sd_path, tmp_path):
+@pytest.mark.parametrize("family,budget_gb", [("sd", None), ("flux", None), ("sd", 0.06)])
+def test_two_processes_match_one_process_with_the_same_global_batch(family, budget_gb, tiny_sd_path, tmp_path):
+    """Also with checkpoint_memory_budget_gb (0.06 GB: a call with gradients saves 25 MB at batch 2 per process, 50 MB
+    at batch 4 in one process): each process spends the budget on its own calls, and the gradients stay the same."""
     from alignprop_core.families import FLUX
 
     if family == "flux":
         tiny_sd_path = FLUX.build_tiny(tmp_path / "tiny-flux")
     script = str(SCRIPTS / "multiprocess_train.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMORY_BUDGET_GB": str(budget_gb or "")}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", "29533"]
@@ -184,6 +186,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(family, tiny
     assert rank0["lora"] == rank1["lora"]  # gradients were synchronised
     # by one flat all-reduce per optimizer step, none of DDP's per-bucket ones (alignprop_core/grad_sync.py)
     assert rank0["reduces_per_step"] == [{"ddp_buckets": 0, "all_reduce": 1}] * 2
+    if budget_gb:  # 2 calls of 25 MB fit per process, 1 of 50 MB in one process: fewer recomputed with 2 processes
+        assert rank0["calls"] == rank1["calls"] and 0 < rank0["calls"]["recomputed"] < single["calls"]["recomputed"]
+    else:
+        assert rank0["calls"]["recomputed"] == single["calls"]["recomputed"]  # every call with gradients
     # Same samples, same K: the synchronised gradient equals the single-process one up to float summation order.
     # Tolerances come from measurement: the SAME single-process run with 1 vs 2 threads differs by 1.3e-3 (gradient)
     # and 1.4e-3 (final LoRA) in relative norm (CFG over the sampling chain amplifies rounding; Adam amplifies

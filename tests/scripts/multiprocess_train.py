@@ -3,8 +3,12 @@ tests/test_reliability.py. Checks after every step that all ranks hold the same 
 logging/checkpoints, and writes this rank's first gradient, final LoRA and metrics to RESULT_DIR/rank<i>.json.
 
 usage: multiprocess_train.py PIPELINE_DIR OUTPUT_DIR RESULT_DIR BATCH_SIZE
+
+MEMORY_BUDGET_GB=x sets checkpoint_memory_budget_gb; the denoiser calls checkpointed (recomputed in backward) are
+counted either way.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -12,18 +16,34 @@ import sys
 import torch
 import torch.distributed
 
-from alignprop_core import AlignPropConfig, AlignPropTrainer, grad_sync
+from alignprop_core import AlignPropConfig, AlignPropTrainer, grad_sync, sampler
 
 pipeline, output_dir, result_dir, batch_size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 config = AlignPropConfig(pretrained_model=pipeline, rewards="saturation", num_epochs=4, sample_num_steps=4,
                          train_batch_size=batch_size, truncation="uniform", truncation_max=4, mixed_precision="no",
-                         eval_num_samples=0, output_dir=output_dir, save_freq=2, train_learning_rate=1e-2)
+                         eval_num_samples=0, output_dir=output_dir, save_freq=2, train_learning_rate=1e-2,
+                         checkpoint_memory_budget_gb=float(os.environ.get("MEMORY_BUDGET_GB") or 0) or None)
 trainer = AlignPropTrainer(config)
+
+calls = {"recomputed": 0}
+real_checkpoint = sampler.checkpoint
+
+
+def counting_checkpoint(*args, **kwargs):
+    calls["recomputed"] += 1
+    return real_checkpoint(*args, **kwargs)
+
+
+sampler.checkpoint = counting_checkpoint
 
 # Count the gradient all-reduces: DDP's own (a comm hook sees every bucket it reduces) and torch.distributed's.
 counts = {"ddp_buckets": 0, "all_reduce": 0}
 if os.environ.get("PLAIN_DDP_BACKWARD"):  # the path before grad_sync, for measuring what it replaced
-    grad_sync.backward = lambda accelerator, model, params, loss: accelerator.backward(loss)
+    @contextlib.contextmanager
+    def plain_ddp(accelerator, model, params):
+        yield accelerator.backward
+
+    grad_sync.one_all_reduce = plain_ddp
 if trainer.accelerator.num_processes > 1:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -61,4 +81,4 @@ result = trainer.train()  # steps 3-4 with metrics, checkpoints and LoRA export
 rank = trainer.accelerator.process_index
 with open(f"{result_dir}/rank{rank}.json", "w") as handle:
     json.dump({"world": trainer.accelerator.num_processes, "lora": lora().tolist(), "first_grad": first_grad,
-               "history": history + result.history, "reduces_per_step": reduces}, handle)
+               "history": history + result.history, "reduces_per_step": reduces, "calls": calls}, handle)
