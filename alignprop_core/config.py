@@ -20,6 +20,7 @@ from alignprop_core.config_files import coerce_text, preset_names, read_config_f
 from alignprop_core.errors import ConfigError
 from alignprop_core.eval_metrics import check_monitoring
 from alignprop_core.hints import did_you_mean
+from alignprop_core.model_setup import check_model_settings
 from alignprop_core.models import DEFAULT_MODEL, SCHEDULERS, check_scheduler_name, default_output_dir
 from alignprop_core.specs import PluginSpec, RewardSpec, as_list, as_plugin_spec, as_rewards
 from alignprop_core.trl_fields import (
@@ -110,6 +111,11 @@ class AlignPropConfig:
                                    "call's backward: large transformers at 1024 px), ~1 more forward per grad call")
     vae_checkpointing: bool = _f(False, "checkpoint each block of the VAE decoder (where memory peaks at 1024 px: "
                                  "docs/flow-memory.md)")
+    vae_tile_size: Optional[int] = _f(None, "decode in overlapping tiles of this many pixels (diffusers' VAE tiling, "
+                                      "seams blended): less decode memory at large sizes; empty = one pass")
+    channels_last: bool = _f(False, "denoiser and VAE weights in channels_last memory layout (for convolutions)")
+    attention_backend: Optional[str] = _f(None, "diffusers attention backend of the FLUX.1/.2, Qwen-Image and "
+                                          "Z-Image transformers (native, _native_cudnn, flash, ...); empty = default")
     truncated_backprop_rand: Optional[bool] = _f(None, "TRL's spelling (translated to truncation*): true = uniform "
                                                  "K, false = fixed K; see docs/trl-migration.md")
     truncated_backprop_timestep: Optional[int] = _f(None, "TRL's spelling: with truncated_backprop_rand false, the "
@@ -311,22 +317,17 @@ class AlignPropConfig:
         if self.truncation == "gaussian":
             require(self.truncation_std > 0, "truncation_std", self.truncation_std, "a number > 0")
         for name in ("num_epochs", "train_batch_size", "train_gradient_accumulation_steps", "save_freq",
-                     "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps"):
+                     "num_checkpoint_limit", "log_image_freq", "lora_rank", "max_nonfinite_steps",
+                     "eval_images_per_prompt"):
             require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
         for name in ("eval_num_samples", "prompt_cache_size", "eval_freq", "early_stopping_patience"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
-        require(self.eval_images_per_prompt >= 1, "eval_images_per_prompt", self.eval_images_per_prompt,
-                "an integer >= 1")
         for name in ("kl_weight", "early_stopping_min_delta"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
         check_monitoring(self)
         for name in ("seed", "eval_seed"):
             require(0 <= getattr(self, name) <= MAX_SEED, name, getattr(self, name), f"an integer in [0, {MAX_SEED}]")
-        budget = self.checkpoint_memory_budget_gb
-        require(budget is None or (math.isfinite(budget) and budget > 0), "checkpoint_memory_budget_gb", budget,
-                "empty or a finite number of GB > 0")
-        require(budget is None or self.gradient_checkpointing, "checkpoint_memory_budget_gb", budget,
-                "empty when gradient_checkpointing is false (then every call keeps its activations anyway)")
+        check_model_settings(self)
         require(self.num_threads is None or self.num_threads >= 1, "num_threads", self.num_threads,
                  "empty (torch's default) or an integer >= 1")
         for name in ("train_learning_rate", "train_adam_epsilon", "train_max_grad_norm", "lora_alpha"):
@@ -354,9 +355,8 @@ class AlignPropConfig:
                  "a hub branch, tag or commit, e.g. main")
         require(bool(str(self.output_dir or "").strip()), "output_dir", self.output_dir, "a folder path")
         require(bool(self.logdir.strip()), "logdir", self.logdir, "a folder path (relative to output_dir)")
-        require(bool(self.tracker_project_name.strip()), "tracker_project_name", self.tracker_project_name,
-                 "a name")
-        require(bool(self.exp_name.strip()), "exp_name", self.exp_name, "a name")
+        for name in ("tracker_project_name", "exp_name"):
+            require(bool(getattr(self, name).strip()), name, getattr(self, name), "a name")
         require(self.run_name == "" or bool(self.run_name.strip()), "run_name", self.run_name,
                  "a name, or empty for exp_name")
         for key, value in self.tracker_kwargs.items():  # accelerate reads init_kwargs[<tracker name>] only

@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 
 from alignprop_core.errors import AlignPropError, ConfigError, first_line
 from alignprop_core.families import family_for_class_name, family_of, prepare_pipeline
+from alignprop_core.model_setup import apply_model_settings
 from alignprop_core.models import MODEL_ALIASES, pipeline_class_name
 from alignprop_core.tiny import tiny_model_path
 
@@ -205,4 +206,6 @@ def load_inference_pipeline(config: Any) -> tuple[Any, Any]:
     dtype = (compute_dtype(resolve_mixed_precision(config.mixed_precision, family_of(pipe))) if device.type == "cuda"
              else torch.float32)
     prepare_pipeline(pipe, config.scheduler, device, dtype)
+    family = family_of(pipe)
+    apply_model_settings(pipe, family.denoiser(pipe), family, config, training=False)
     return pipe, dtype

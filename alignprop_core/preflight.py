@@ -12,6 +12,7 @@ from alignprop_core.config import AlignPropConfig
 from alignprop_core.errors import ConfigError
 from alignprop_core.families import family_for_class_name
 from alignprop_core.image_loggers import require_package
+from alignprop_core.model_setup import check_training_settings
 from alignprop_core.models import pipeline_class_name
 from alignprop_core.pipelines import resolve_model_path
 
@@ -20,6 +21,7 @@ def preflight(config: AlignPropConfig, rewards_from_config: bool, prompts_from_c
               load_model: bool) -> tuple[Optional[str], Optional[Path]]:
     """Check plugin names, the model path, ``resume_from``, ``output_dir`` and tracking; return the resolved model
     path (None when the caller brings a pipeline) and the checkpoint folder to resume from (None for a new run)."""
+    check_training_settings(config)
     if rewards_from_config:
         for reward in config.rewards:
             plugins.get("reward", reward.name)

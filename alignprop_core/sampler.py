@@ -192,21 +192,6 @@ def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing
     return evaluate
 
 
-def enable_inner_checkpointing(pipe: Any, denoiser: torch.nn.Module, blocks: bool, vae: bool) -> None:
-    """diffusers' own gradient checkpointing inside the models: per block of the denoiser (``blocks``; it acts inside
-    each recomputed call, so one call's backward holds one block's activations) and per up-block of the VAE decoder
-    (``vae``; where memory peaks at 1024 px). A VAE without it is a one-line :class:`ConfigError`."""
-    from alignprop_core.errors import ConfigError
-
-    if blocks:
-        denoiser.enable_gradient_checkpointing()
-    if vae:
-        if not getattr(pipe.vae, "_supports_gradient_checkpointing", False):
-            raise ConfigError(f"vae_checkpointing: this model's VAE ({type(pipe.vae).__name__}) does not support "
-                              "gradient checkpointing; set vae_checkpointing false")
-        pipe.vae.enable_gradient_checkpointing()
-
-
 def draw_lv_noise(like: torch.Tensor, n: int,
                   generator: Optional[torch.Generator | list[torch.Generator]]) -> list[torch.Tensor]:
     """The ``n`` fresh noise tensors of the DRaFT-LV draws (shape of ``like``), from the sampler's generator(s)."""

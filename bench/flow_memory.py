@@ -911,12 +911,18 @@ def stored_inputs(model: str, size: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------- VAE
 def measure_vae(model: str, size: int, attention: str = "gpu", mode: str = "autocast",
-                block_ckpt: bool = False) -> dict | None:
+                block_ckpt: bool = False, tile: int | None = None) -> dict | None:
     """VAE decode, forward then backward, on fake tensors: the chain's final latents, requiring grad, through the
     family's decode (unscaled/shifted or un-normalised as the pipeline does, then vae.decode). Saved bytes per decoder
     block and the peak of the live activation bytes; ``block_ckpt``: diffusers' VAE gradient checkpointing (decoder mid
-    block and each up block checkpointed), peak only; None for a VAE without gradient checkpointing."""
+    block and each up block checkpointed), peak only; None for a VAE without gradient checkpointing. ``tile``: decode
+    in tiles of that many pixels, switched on by the family adapter as ``vae_tile_size`` does in training."""
+    from types import SimpleNamespace
+
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from alignprop_core.families import FAMILIES
 
     spec = MODELS[model]
     if block_ckpt and not vae_supports_checkpointing(model):
@@ -924,16 +930,32 @@ def measure_vae(model: str, size: int, attention: str = "gpu", mode: str = "auto
     vae = build_vae(model)
     if block_ckpt:
         block_checkpointing(vae)
+    if tile:
+        family = next(f for f in FAMILIES if f.name == spec["family"])
+        family.enable_vae_tiling(SimpleNamespace(vae=vae), tile)
     fake = FakeTensorMode()
     fakeify(vae, fake)
     blocks = {"mid_block": vae.decoder.mid_block}
     blocks.update({f"up_blocks.{i}": b for i, b in enumerate(vae.decoder.up_blocks)})
 
+    class Decode(torch.nn.Module):
+        """The decode as one module call: MemTracker refuses a module called twice at the top level, as the decoder
+        is once per tile."""
+
+        def __init__(self):
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, z):
+            return spec["decode"](self.vae, z)
+
+    decode = Decode()
+
     def one_pass(track: bool) -> dict:
         with fake:
             z = spec["vae_latents"](size)
-        out = forward_backward(vae, fake, {"z": z}, lambda z: spec["decode"](vae, z),
-                               [*vae.parameters(), *vae.buffers(), z], blocks, attention, mode, track)
+        out = forward_backward(vae, fake, {"z": z}, decode, [*vae.parameters(), *vae.buffers(), z], blocks,
+                               attention, mode, track)
         assert z.grad is not None
         return out
 

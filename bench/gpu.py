@@ -130,6 +130,16 @@ def dry_run(args: argparse.Namespace) -> None:
     print(f"dry run: {len(PLAN)} cases build; budget {args.budget_s:.0f} s; results would go to {args.results}")
 
 
+def why_unwritable(path: Path) -> str | None:
+    """Why a file could not be created at ``path`` (its nearest existing folder is a file or read-only), or None."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file"
+    return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench/gpu.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="check that every case builds, on any machine")
@@ -146,6 +156,9 @@ def main() -> None:
         parser.error("--budget-s must be a number of seconds > 0 and --epochs >= 1")
     if Path(args.results).is_dir():
         parser.error(f"--results: {args.results} is a folder; give a file path (default {RESULTS})")
+    unwritable = why_unwritable(Path(args.results))
+    if unwritable:  # found now, not after minutes of GPU time
+        parser.error(f"--results: {args.results} cannot be written ({unwritable}); give a writable file path")
     if args.dry_run:
         return dry_run(args)
     import torch

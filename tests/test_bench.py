@@ -129,7 +129,9 @@ def test_gpu_sh_dry_run_checks_that_every_case_builds(tmp_path):
                                                             for m in flow]
     assert all(c["builds"] for c in cases)
     assert [c["runs"] != "yes" for c in cases] == [False, True, True] + [False] * 11
-    for argv in (["--budget-s", "nan"], ["--epochs", "0"], ["--results", str(tmp_path)]):
+    (tmp_path / "a-file").write_text("")
+    for argv in (["--budget-s", "nan"], ["--epochs", "0"], ["--results", str(tmp_path)],
+                 ["--results", str(tmp_path / "a-file" / "sub" / "gpu.json")]):
         bad = subprocess.run(["bash", str(BENCH / "gpu.sh"), *argv], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("bench/gpu.sh: error: --")
     no_gpu = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True, timeout=60,

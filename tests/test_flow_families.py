@@ -286,7 +286,7 @@ def count_calls(module):
 def test_block_and_vae_checkpointing_recompute_in_backward_and_keep_the_gradients(flow_paths):
     """Per-block checkpointing inside the transformer runs each block once more during backward, VAE checkpointing
     runs the decoder's up blocks again during backward; neither changes the LoRA gradients."""
-    from alignprop_core.sampler import enable_inner_checkpointing
+    from alignprop_core.model_setup import enable_inner_checkpointing
 
     results = []
     for extra in (False, True):

@@ -212,6 +212,15 @@ class Family:
         """Latents to float images ``[B, 3, H, W]`` in ``[0, 1]`` (differentiable when grad is enabled)."""
         raise NotImplementedError
 
+    def enable_vae_tiling(self, pipe: Any, tile_size: int) -> None:
+        """Make :meth:`decode` run in overlapping tiles of ``tile_size`` pixels (diffusers' VAE tiling: a quarter of
+        each tile overlaps its neighbours and is blended, so images differ slightly at the seams). Here for the KL
+        VAEs (AutoencoderKL, AutoencoderKLFlux2), which take their tile size from two attributes."""
+        vae = pipe.vae
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile_size
+        vae.tile_latent_min_size = tile_size // 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers' formula
+
     # ------------------------------------------------------------------ LoRA files
 
     def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:

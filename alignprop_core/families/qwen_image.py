@@ -155,6 +155,12 @@ class QwenImageFamily(FlowMatchFamily):
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(frames)
         return to_unit_range(vae.decode(frames / inverse_std + mean, return_dict=False)[0][:, :, 0])
 
+    def enable_vae_tiling(self, pipe: Any, tile_size: int) -> None:
+        """Qwen-Image's video VAE takes the tile size and stride as arguments (the stride: 3/4 of a tile, the KL VAEs'
+        overlap)."""
+        stride = tile_size * 3 // 4
+        pipe.vae.enable_tiling(tile_size, tile_size, stride, stride)
+
     def build_tiny(self, path: str | os.PathLike, seed: int = 0, sample_size: int = 16) -> Path:
         """Build a tiny Qwen-Image pipeline with random weights (seeded) and save it to ``path``.
 
