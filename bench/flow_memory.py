@@ -1104,6 +1104,15 @@ def print_table(result: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def parse_models(parser, text: str) -> list[str]:
+    """``--models a,b``: names of MODELS, else the parser's one-line error (exit 2)."""
+    models = text.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    return models
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check-full-depth", action="store_true",
@@ -1112,10 +1121,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="image sides in px (512, 1024)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    models = parse_models(parser, args.models)
     sizes = tuple(int(s) for s in args.sizes.split(","))
     if any(s not in SIZES for s in sizes):
         parser.error(f"--sizes: choose from {', '.join(map(str, SIZES))}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flow_memory import GIB, MODELS, measure_vae  # noqa: E402
+from flow_memory import GIB, MODELS, measure_vae, parse_models  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "vae_tiles.json"
 DEFAULT_MODELS = ("flux1-dev", "flux2-klein-4b", "qwen-image")  # the three VAE architectures of bench/flow_memory.py
@@ -44,10 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="image side in px (default 1024)")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    models = parse_models(parser, args.models)
     if args.size < 64 or args.size % 64:
         parser.error(f"--size: got {args.size}, allowed: a multiple of 64 px")
     if args.out.is_dir():

@@ -86,6 +86,16 @@ def test_trainer_and_sample_pipeline_decode_in_the_configured_tiles(tiny_config)
     assert not load_inference_pipeline(tiny_config())[0].vae.use_tiling
 
 
+def assert_same_images_and_gradients(got, want, grad_atol):
+    """``(images, LoRA gradients)`` of a lever's run equal the default's within float rounding, and the gradients
+    are not all zero."""
+    (images, grads), (want_images, want_grads) = got, want
+    torch.testing.assert_close(images, want_images, atol=1e-5, rtol=0)
+    for grad, want_grad in zip(grads, want_grads):
+        torch.testing.assert_close(grad, want_grad, atol=grad_atol, rtol=1e-3)
+    assert any(g.abs().sum() > 0 for g in want_grads)
+
+
 def test_channels_last_gives_the_same_images_and_gradients(make_lora_pipe):
     """K=2 of 4 steps with the UNet and VAE in channels_last: images and LoRA gradients equal the default layout's
     within float rounding (the convolutions sum in another order)."""
@@ -101,11 +111,7 @@ def test_channels_last_gives_the_same_images_and_gradients(make_lora_pipe):
                                grad_steps=2, generator=torch.Generator().manual_seed(0))
         images.mean().backward()
         results.append((images.detach(), [p.grad.clone() for p in pipe.lora_params]))
-    (images, grads), (cl_images, cl_grads) = results
-    torch.testing.assert_close(cl_images, images, atol=1e-5, rtol=0)
-    for got, want in zip(cl_grads, grads):
-        torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-3)
-    assert any(g.abs().sum() > 0 for g in grads)
+    assert_same_images_and_gradients(results[1], results[0], grad_atol=1e-7)
 
 
 def test_channels_last_training_keeps_lora_factors_in_the_default_layout(tiny_config, tmp_path):
@@ -158,10 +164,7 @@ def test_attention_backend_routes_the_transformers_attention_with_the_same_resul
     backends = {str(m.processor._attention_backend) for m in pipe.transformer.modules()
                 if hasattr(getattr(m, "processor", None), "_attention_backend")}
     assert backends == {"AttentionBackendName._NATIVE_MATH"}
-    torch.testing.assert_close(math_images, images, atol=1e-5, rtol=0)
-    for got, want in zip(math_grads, grads):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-3)
-    assert any(g.abs().sum() > 0 for g in grads)
+    assert_same_images_and_gradients((math_images, math_grads), (images, grads), grad_atol=1e-6)
 
 
 def test_attention_backend_where_it_cannot_act_is_one_line(tiny_paths, tiny_config, tmp_path,
