@@ -148,20 +148,18 @@ def parameter_counts(pipe) -> dict[str, float]:
             if hasattr(part, "parameters")}
 
 
-def inference_kwargs(model: str, size: int, steps: int) -> dict:
-    """The pipeline ``__call__`` arguments that sample what the trainer samples in ``model``'s case."""
+def inference_kwargs(pipe, model: str, size: int, steps: int) -> dict:
+    """The pipeline ``__call__`` arguments that sample what the trainer samples in ``model``'s case (the family's
+    ``pipeline_call_kwargs`` of the case's config fields), one prompt."""
     import torch
 
+    from alignprop_core.families import family_of
+
     case = CASES[model]
-    kwargs = dict(num_inference_steps=steps, guidance_scale=case["sample_guidance_scale"], height=size,
-                  width=size, output_type="pt", generator=torch.Generator().manual_seed(0))
-    if "sample_eta" in case:
-        kwargs["eta"] = case["sample_eta"]
-    if "negative_prompts" in case:
-        kwargs["negative_prompt"] = [case["negative_prompts"]]
-    if "true_cfg_scale" in case:
-        kwargs["true_cfg_scale"] = case["true_cfg_scale"]
-    return kwargs
+    kwargs = family_of(pipe).pipeline_call_kwargs(
+        [PROMPT], steps, case["sample_guidance_scale"], size, size, negative_prompt=case.get("negative_prompts"),
+        eta=case.get("sample_eta", 1.0), true_cfg_scale=case.get("true_cfg_scale", 1.0))
+    return {**kwargs, "generator": torch.Generator().manual_seed(0)}
 
 
 def synchronize(device: str) -> None:
@@ -181,7 +179,7 @@ def time_inference(pipe, model: str, size: int, steps: int, repeats: int, device
         synchronize(device)
         start = time.perf_counter()
         with torch.no_grad():
-            pipe(prompt=[PROMPT], **inference_kwargs(model, size, steps))
+            pipe(**inference_kwargs(pipe, model, size, steps))
         synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])

@@ -56,16 +56,12 @@ def inference_pipeline(folder: Path, family: str):
 def inference(pipe, family: str, prompts: list[str], args: argparse.Namespace, size: int) -> None:
     import torch
 
+    from alignprop_core.families import family_of
+
     guidance, eta, negative, true_cfg = SETTINGS[family]
-    kwargs = dict(num_inference_steps=args.steps, guidance_scale=guidance, height=size, width=size,
-                  output_type="pt", generator=torch.Generator().manual_seed(0))
-    if family in ("sd", "sdxl"):
-        kwargs["eta"] = eta
-    if negative is not None:
-        kwargs["negative_prompt"] = [negative] * len(prompts)
-    if family in ("flux", "qwen-image"):
-        kwargs["true_cfg_scale"] = true_cfg
-    pipe(prompt=list(prompts), **kwargs)
+    kwargs = family_of(pipe).pipeline_call_kwargs(prompts, args.steps, guidance, size, size, negative_prompt=negative,
+                                                  eta=eta, true_cfg_scale=true_cfg)
+    pipe(generator=torch.Generator().manual_seed(0), **kwargs)
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -10,7 +10,7 @@ from diffusers import DiffusionPipeline
 
 from alignprop_core import AlignPropConfig, AlignPropTrainer
 from alignprop_core.cli import main
-from alignprop_core.families import FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD3, Z_IMAGE, family_of
+from alignprop_core.families import FAMILIES, FLUX, FLUX2_KLEIN, QWEN_IMAGE, SD3, Z_IMAGE, family_of
 from alignprop_core.lora import add_lora
 from alignprop_core.sampler import encode_prompts, sample_images
 
@@ -66,24 +66,36 @@ def ours(pipe, guidance, negative=None, true_cfg=1.0, steps=4, grad_steps=0, eta
 
 
 def theirs(pipe, guidance, negative=None, true_cfg=1.0, steps=4, height=64, width=48, seed=0):
-    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width, output_type="pt",
-                  generator=torch.Generator().manual_seed(seed))
-    if negative:
-        kwargs["negative_prompt"] = [negative] * len(PROMPTS)
-    if family_of(pipe) in (FLUX, QWEN_IMAGE):
-        kwargs["true_cfg_scale"] = true_cfg
-    # a copy: ZImagePipeline rewrites the prompt list in place; by keyword: Flux2KleinPipeline takes an image first
-    return pipe(prompt=list(PROMPTS), **kwargs).images
+    kwargs = family_of(pipe).pipeline_call_kwargs(PROMPTS, steps, guidance, height, width, negative_prompt=negative,
+                                                  true_cfg_scale=true_cfg)
+    return pipe(generator=torch.Generator().manual_seed(seed), **kwargs).images
 
 
 # (family, guidance_scale, negative prompt, true_cfg_scale): SD3 with and without CFG (and a negative prompt);
 # FLUX with embedded guidance alone and with true CFG (a second, negative pass); Z-Image without guidance (its
 # Turbo setting, guidance 0) and with its CFG.
 GUIDANCE = [("sd3", 5.0, None, 1.0), ("sd3", 4.0, "blurry", 1.0), ("sd3", 1.0, None, 1.0),
-            ("flux", 3.5, None, 1.0), ("flux", 3.5, "blurry", 2.5),
+            ("flux", 3.5, None, 1.0), ("flux", 3.5, "blurry", 2.5), ("flux", 3.5, "", 2.5),
             ("z-image", 0.0, None, 1.0), ("z-image", 4.0, None, 1.0), ("z-image", 4.0, "blurry", 1.0),
             ("flux2-klein", 1.0, None, 1.0), ("flux2-klein", 4.0, None, 1.0),
-            ("qwen-image", 5.0, None, 1.0), ("qwen-image", 5.0, "blurry", 4.0)]
+            ("qwen-image", 5.0, None, 1.0), ("qwen-image", 5.0, "blurry", 4.0), ("qwen-image", 5.0, "", 4.0)]
+
+
+def test_pipeline_call_kwargs_name_what_each_pipeline_takes():
+    """The arguments written out per family: eta only for the DDIM-sampled UNets, true_cfg_scale only for the two
+    pipelines that have it, an empty negative prompt kept (FLUX.1 and Qwen-Image then run true CFG against it), and
+    no negative prompt for FLUX.2 [klein], whose pipeline has no such argument."""
+    base = dict(num_inference_steps=4, guidance_scale=3.0, height=64, width=48, output_type="pt")
+    got = {family.name: family.pipeline_call_kwargs(["a", "b"], 4, 3.0, 64, 48, negative_prompt="", eta=0.5,
+                                                    true_cfg_scale=2.0)
+           for family in FAMILIES if family is not FLUX2_KLEIN}
+    negative = {"prompt": ["a", "b"], "negative_prompt": ["", ""], **base}
+    assert got == {"sd": {**negative, "eta": 0.5}, "sdxl": {**negative, "eta": 0.5}, "sd3": negative,
+                   "flux": {**negative, "true_cfg_scale": 2.0}, "qwen-image": {**negative, "true_cfg_scale": 2.0},
+                   "z-image": negative}
+    assert FLUX2_KLEIN.pipeline_call_kwargs(["a"], 4, 3.0, 64, 48, negative_prompt=None) == {"prompt": ["a"], **base}
+    with pytest.raises(ValueError, match="takes no negative prompt"):
+        FLUX2_KLEIN.pipeline_call_kwargs(["a"], 4, 3.0, 64, 48, negative_prompt="blurry")
 
 
 @pytest.mark.parametrize("name,guidance,negative,true_cfg", GUIDANCE)

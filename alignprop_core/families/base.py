@@ -194,6 +194,20 @@ class Family:
         """Extra keyword arguments of ``scheduler.step`` (eta, generator) that the scheduler accepts."""
         raise NotImplementedError
 
+    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
+                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
+                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
+        """The arguments of the pipeline's own ``__call__`` that sample what :func:`~alignprop_core.sampler.
+        sample_images` samples with these settings (images as a ``[0, 1]`` tensor; the caller adds ``generator``).
+        The settings a family's pipeline has no argument for (``eta`` in the flow families, ``true_cfg_scale``
+        outside FLUX.1 and Qwen-Image) are left out, as they change nothing there."""
+        kwargs = dict(prompt=list(prompts),  # a copy: ZImagePipeline rewrites the prompt list in place
+                      num_inference_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
+                      output_type="pt")
+        if negative_prompt is not None:
+            kwargs["negative_prompt"] = [negative_prompt] * len(prompts)  # a list, as the prompts are one
+        return kwargs
+
     def denoiser_kwargs(self, pipe: Any, embeddings: PromptEmbeddings, height: int, width: int) -> dict[str, Any]:
         """Keyword arguments of one guidance-batched denoiser call (negative half first), computed once per chain."""
         raise NotImplementedError

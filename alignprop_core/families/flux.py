@@ -53,6 +53,12 @@ class FluxFamily(FlowMatchFamily):
         return (any(name.startswith("single_transformer_blocks.") for name in names)
                 and not any(name.endswith(".to_qkv_mlp_proj") for name in names))
 
+    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
+                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
+                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
+        return {**super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width, negative_prompt),
+                "true_cfg_scale": true_cfg_scale}
+
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> FluxPromptEmbeddings:
         import torch
@@ -62,7 +68,7 @@ class FluxFamily(FlowMatchFamily):
             positive, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
                                                      num_images_per_prompt=1)
             negative = negative_pooled = cfg = None
-            if negative_prompt and true_cfg_scale > 1.0:
+            if negative_prompt is not None and true_cfg_scale > 1.0:  # "" too, as the pipeline does
                 negative, negative_pooled, _ = pipe.encode_prompt(prompt=[negative_prompt] * batch, prompt_2=None,
                                                                   device=device, num_images_per_prompt=1)
                 cfg = torch.full([batch], float(true_cfg_scale), device=device, dtype=torch.float32)

@@ -36,6 +36,15 @@ class Flux2KleinFamily(FlowMatchFamily):
         """FLUX.2's single-stream blocks fuse q, k, v and the MLP input into ``to_qkv_mlp_proj``."""
         return any(name.endswith(".to_qkv_mlp_proj") for name in modules.get("transformer", []))
 
+    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
+                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
+                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
+        """Without ``negative_prompt``: ``Flux2KleinPipeline`` has none and always guides against ``""``."""
+        if negative_prompt:
+            raise ValueError(f"Flux2KleinPipeline takes no negative prompt, so it cannot sample what "
+                             f"negative_prompts={negative_prompt!r} samples")
+        return super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width)
+
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> PromptEmbeddings:
         import torch

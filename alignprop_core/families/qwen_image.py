@@ -52,6 +52,12 @@ class QwenImageFamily(FlowMatchFamily):
         return any(".img_mlp." in name or ".txt_mlp." in name or name.endswith((".img_mod.1", ".txt_mod.1"))
                    for name in modules.get("transformer", []))
 
+    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
+                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
+                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
+        return {**super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width, negative_prompt),
+                "true_cfg_scale": true_cfg_scale}
+
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> QwenImagePromptEmbeddings:
         import torch
@@ -67,7 +73,7 @@ class QwenImageFamily(FlowMatchFamily):
         with torch.no_grad():
             positive, mask = encode(list(prompts))
             negative = negative_mask = cfg = None
-            if negative_prompt and true_cfg_scale > 1.0:
+            if negative_prompt is not None and true_cfg_scale > 1.0:  # "" too, as the pipeline does
                 negative, negative_mask = encode([negative_prompt] * batch)
                 cfg = torch.full([batch], float(true_cfg_scale), device=device, dtype=torch.float32)
         guidance = None

@@ -74,6 +74,12 @@ class StableDiffusionFamily(Family):
     def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
         return pipe.prepare_extra_step_kwargs(generator, eta)
 
+    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
+                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
+                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
+        return {**super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width, negative_prompt),
+                "eta": eta}
+
     def denoiser_kwargs(self, pipe: Any, embeddings: PromptEmbeddings, height: int, width: int) -> dict[str, Any]:
         import torch
 
