@@ -83,12 +83,30 @@ def assert_within_one_uint8_level(ours, reference, mean, std):
     assert difference.max() < 0.016
 
 
+def assert_gradient_reaches_images_never_weights(reward, images, prompts, metadata):
+    """The frozen-reward contract on ``images`` (a leaf that requires grad): ``train()`` leaves every submodule in
+    eval mode, no parameter requires grad, the scores are differentiable and their backward gives the images a
+    finite, non-zero gradient and the weights none, and a second call scores the same (no dropout). Returns the
+    scores (detached) and the image gradient, for a plugin's own checks on top."""
+    reward.train()  # a reward stays in eval mode even if someone asks for train mode
+    assert not any(module.training for module in reward.modules())
+    assert not any(p.requires_grad for p in reward.parameters())
+    scores = reward(images, prompts, metadata)
+    assert scores.grad_fn is not None
+    scores.sum().backward()
+    assert images.grad is not None and torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reward.parameters())
+    torch.testing.assert_close(reward(images.detach(), prompts, metadata), scores.detach())
+    return scores.detach(), images.grad
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The functions above."""
     return types.SimpleNamespace(save_tiny_clip=save_tiny_clip, pil_clip_processor=pil_clip_processor,
                                  uint8_image=uint8_image, smooth_uint8=smooth_uint8, to_tensor=to_tensor,
-                                 assert_within_one_uint8_level=assert_within_one_uint8_level)
+                                 assert_within_one_uint8_level=assert_within_one_uint8_level,
+                                 assert_gradient_reaches_images_never_weights=assert_gradient_reaches_images_never_weights)
 
 
 @pytest.fixture

@@ -100,17 +100,9 @@ def test_checkpoint_formats_and_architecture_name_load_the_same_weights(tiny):
     assert by_name.version == "v2.1"
 
 
-def test_gradient_reaches_images_and_reward_is_frozen(tiny):
-    reward = build(tiny)
-    assert not reward.training
-    assert all(not p.requires_grad for p in reward.parameters())
-    reward.train()  # a reward stays in eval mode even if someone asks for train mode
-    assert not reward.training and not reward.model.training
+def test_gradient_reaches_images_and_reward_is_frozen(tiny, helpers):
     images = random_images(height=200, width=300).requires_grad_(True)  # non-square: resize + pad in the graph
-    reward(images, PROMPTS, [{}, {}]).sum().backward()
-    assert images.grad is not None
-    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
-    assert all(p.grad is None for p in reward.parameters())
+    helpers.assert_gradient_reaches_images_never_weights(build(tiny), images, PROMPTS, [{}, {}])
 
 
 @pytest.mark.parametrize(
