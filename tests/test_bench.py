@@ -183,3 +183,16 @@ def test_limits_refuses_a_bad_compare_in_one_line(spec, part):
     proc = subprocess.run([sys.executable, str(BENCH / "limits.py"), "--family", "sd", "--compare", spec],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
+
+
+def test_profile_step_reports_both_sides_and_their_attention_kernels():
+    proc = subprocess.run([sys.executable, str(BENCH / "profile_step.py"), "--family", "sd", "--steps", "3", "--size",
+                           "64", "--rows", "3", "--compare", "checkpoint_memory_budget_gb=100"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    inference, train = record["inference"], record["train_step"]
+    assert 0 < inference["self_cpu_s"] < train["self_cpu_s"]  # the step does the inference's work and more
+    assert not any("backward" in name for name in inference["attention_kernels_s"])
+    assert any("backward" in name for name in train["attention_kernels_s"])  # K=all: every call has a backward
+    assert 0 < train["attention_share"] < 1
