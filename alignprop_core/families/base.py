@@ -64,6 +64,9 @@ class Family:
     denoiser_name: str = "unet"
     #: the denoiser in messages
     denoiser_label: str = "UNet"
+    #: the sampling settings the pipeline's ``__call__`` has an argument for, beyond prompts, steps, guidance and
+    #: size ("negative_prompt", "eta", "true_cfg_scale"): what :meth:`pipeline_call_kwargs` passes on
+    pipeline_call_settings: tuple[str, ...] = ("negative_prompt",)
     #: pipeline components a LoRA file of this family may adapt (``<component>.`` key prefixes)
     lora_components: tuple[str, ...] = ()
     #: denoiser modules that get LoRA adapters by default
@@ -199,13 +202,22 @@ class Family:
                              true_cfg_scale: float = 1.0) -> dict[str, Any]:
         """The arguments of the pipeline's own ``__call__`` that sample what :func:`~alignprop_core.sampler.
         sample_images` samples with these settings (images as a ``[0, 1]`` tensor; the caller adds ``generator``).
-        The settings a family's pipeline has no argument for (``eta`` in the flow families, ``true_cfg_scale``
-        outside FLUX.1 and Qwen-Image) are left out, as they change nothing there."""
+        Settings outside :attr:`pipeline_call_settings` are left out, as they change nothing there (``eta`` in
+        the flow families, ``true_cfg_scale`` outside FLUX.1 and Qwen-Image). A pipeline without a negative prompt
+        argument guides against ``""`` (FLUX.2 [klein]), so any other negative prompt is a ValueError."""
         kwargs = dict(prompt=list(prompts),  # a copy: ZImagePipeline rewrites the prompt list in place
                       num_inference_steps=num_steps, guidance_scale=guidance_scale, height=height, width=width,
                       output_type="pt")
-        if negative_prompt is not None:
-            kwargs["negative_prompt"] = [negative_prompt] * len(prompts)  # a list, as the prompts are one
+        if "negative_prompt" in self.pipeline_call_settings:
+            if negative_prompt is not None:
+                kwargs["negative_prompt"] = [negative_prompt] * len(prompts)  # a list, as the prompts are one
+        elif negative_prompt:
+            raise ValueError(f"{self.pipeline_classes[0]} takes no negative prompt, so it cannot sample what "
+                             f"negative_prompts={negative_prompt!r} samples")
+        if "eta" in self.pipeline_call_settings:
+            kwargs["eta"] = eta
+        if "true_cfg_scale" in self.pipeline_call_settings:
+            kwargs["true_cfg_scale"] = true_cfg_scale
         return kwargs
 
     def denoiser_kwargs(self, pipe: Any, embeddings: PromptEmbeddings, height: int, width: int) -> dict[str, Any]:

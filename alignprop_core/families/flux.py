@@ -42,6 +42,7 @@ class FluxFamily(FlowMatchFamily):
     label = "FLUX"
     description = "FLUX.1"
     pipeline_classes = ("FluxPipeline",)
+    pipeline_call_settings = ("negative_prompt", "true_cfg_scale")
     lora_components = ("transformer", "text_encoder")
     lora_target_modules = JOINT_ATTENTION_TARGETS
     tiny_id = TINY_FLUX_MODEL_ID
@@ -52,12 +53,6 @@ class FluxFamily(FlowMatchFamily):
         names = modules.get("transformer", [])
         return (any(name.startswith("single_transformer_blocks.") for name in names)
                 and not any(name.endswith(".to_qkv_mlp_proj") for name in names))
-
-    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
-                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
-                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
-        return {**super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width, negative_prompt),
-                "true_cfg_scale": true_cfg_scale}
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> FluxPromptEmbeddings:

@@ -26,6 +26,7 @@ class Flux2KleinFamily(FlowMatchFamily):
     label = "FLUX.2-klein"
     description = "FLUX.2 [klein]"
     pipeline_classes = ("Flux2KleinPipeline",)
+    pipeline_call_settings = ()  # no negative_prompt: the pipeline guides against ""
     lora_components = ("transformer",)
     #: the double blocks' attention projections and the single blocks' fused qkv+MLP input (most of the model)
     lora_target_modules = JOINT_ATTENTION_TARGETS + ("to_qkv_mlp_proj",)
@@ -35,15 +36,6 @@ class Flux2KleinFamily(FlowMatchFamily):
     def recognises_lora_modules(self, modules: dict[str, list[str]]) -> bool:
         """FLUX.2's single-stream blocks fuse q, k, v and the MLP input into ``to_qkv_mlp_proj``."""
         return any(name.endswith(".to_qkv_mlp_proj") for name in modules.get("transformer", []))
-
-    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
-                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
-                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
-        """Without ``negative_prompt``: ``Flux2KleinPipeline`` has none and always guides against ``""``."""
-        if negative_prompt:
-            raise ValueError(f"Flux2KleinPipeline takes no negative prompt, so it cannot sample what "
-                             f"negative_prompts={negative_prompt!r} samples")
-        return super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width)
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> PromptEmbeddings:

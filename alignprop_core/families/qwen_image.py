@@ -42,6 +42,7 @@ class QwenImageFamily(FlowMatchFamily):
     label = "Qwen-Image"
     description = "Qwen-Image"
     pipeline_classes = ("QwenImagePipeline",)
+    pipeline_call_settings = ("negative_prompt", "true_cfg_scale")
     lora_components = ("transformer",)
     lora_target_modules = JOINT_ATTENTION_TARGETS
     tiny_id = TINY_QWEN_IMAGE_MODEL_ID
@@ -51,12 +52,6 @@ class QwenImageFamily(FlowMatchFamily):
         """Qwen-Image's blocks are ``transformer_blocks.N.attn`` with ``img_mlp``/``txt_mlp`` (no single blocks)."""
         return any(".img_mlp." in name or ".txt_mlp." in name or name.endswith((".img_mod.1", ".txt_mod.1"))
                    for name in modules.get("transformer", []))
-
-    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
-                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
-                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
-        return {**super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width, negative_prompt),
-                "true_cfg_scale": true_cfg_scale}
 
     def encode_prompts(self, pipe: Any, prompts: list[str], negative_prompt: Optional[str], guidance_scale: float,
                        device: Any, true_cfg_scale: float = 1.0) -> QwenImagePromptEmbeddings:

@@ -24,6 +24,7 @@ class StableDiffusionFamily(Family):
     label = "SD-1.x"
     description = "SD 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)  # SD 2.x checkpoints are StableDiffusionPipeline too
+    pipeline_call_settings = ("negative_prompt", "eta")
     lora_components = ("unet", "text_encoder")
     lora_target_modules = ATTENTION_TARGETS
     tiny_id = TINY_MODEL_ID
@@ -73,12 +74,6 @@ class StableDiffusionFamily(Family):
 
     def step_kwargs(self, pipe: Any, generator: Any, eta: float) -> dict[str, Any]:
         return pipe.prepare_extra_step_kwargs(generator, eta)
-
-    def pipeline_call_kwargs(self, prompts: list[str], num_steps: int, guidance_scale: float, height: int,
-                             width: int, negative_prompt: Optional[str] = None, eta: float = 1.0,
-                             true_cfg_scale: float = 1.0) -> dict[str, Any]:
-        return {**super().pipeline_call_kwargs(prompts, num_steps, guidance_scale, height, width, negative_prompt),
-                "eta": eta}
 
     def denoiser_kwargs(self, pipe: Any, embeddings: PromptEmbeddings, height: int, width: int) -> dict[str, Any]:
         import torch
