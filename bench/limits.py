@@ -64,6 +64,32 @@ def inference(pipe, family: str, prompts: list[str], args: argparse.Namespace, s
     pipe(generator=torch.Generator().manual_seed(0), **kwargs)
 
 
+def positive_int(text: str) -> int:
+    """argparse type of the counts (threads, repeats, rows): an integer >= 1."""
+    value = int(text)  # not a number: argparse's one-line "invalid positive_int value"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_k(text: str) -> str:
+    """argparse type of a truncation depth: ``all`` or an integer >= 1 (kept as text, as the case names use it)."""
+    if text != "all" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}")
+    return text
+
+
+def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--steps``, ``--batch`` and ``--size`` as the trainer's config checks them: a one-line error, exit 2."""
+    from alignprop_core.config import AlignPropConfig
+    from alignprop_core.errors import ConfigError
+
+    try:
+        AlignPropConfig(sample_num_steps=args.steps, train_batch_size=args.batch, resolution=args.size).validate()
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``key=value`` of ``--compare``: a config field and its value, read as the CLI reads ``--key value`` (the
     field's declared type) and checked by ``AlignPropConfig.validate``; a one-line ConfigError otherwise."""
@@ -99,13 +125,15 @@ def main() -> None:
     parser.add_argument("--family", required=True, choices=sorted(SETTINGS))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ks", default="1,all")
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--ks", type=lambda text: [parse_k(k.strip()) for k in text.split(",")], default="1,all",
+                        help="truncation depths, comma-separated: numbers or 'all' (default 1,all)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                         help="also time each K with this config override (a lever off or on), in the same repeats")
     args = parser.parse_args()
+    check_training_args(parser, args)
     from alignprop_core.errors import ConfigError
 
     try:
@@ -116,7 +144,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    ks = [k.strip() for k in args.ks.split(",")]
+    ks = args.ks
     cases = [(k, k, {}) for k in ks] + [(f"{k} {spec}", k, override) for spec, override in zip(args.compare, overrides)
                                         for k in ks]
     prompts = [PROMPTS[i % args.batch] for i in range(args.batch)]  # the prompts each training step draws

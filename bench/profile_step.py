@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import limits  # noqa: E402
 from common import PROMPTS, emit  # noqa: E402
 
-#: operator names of the attention kernels (substrings; forward and backward)
-ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_efficient_attention", "_flash_attention")
+#: what the names of torch's attention kernels contain (forward and backward, CPU and CUDA)
+ATTENTION = ("_flash_attention", "_efficient_attention", "_cudnn_attention")
 
 
 def kernel_seconds(events, names: tuple[str, ...]) -> dict[str, float]:
@@ -33,17 +32,16 @@ def kernel_seconds(events, names: tuple[str, ...]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", required=True, choices=sorted(limits.SETTINGS))
-    parser.add_argument("--k", default="all", help="truncation depth: a number or 'all' (default)")
+    parser.add_argument("--k", type=limits.parse_k, default="all", help="truncation depth: a number or 'all' (default)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", type=int, default=15, help="operators shown per table")
+    parser.add_argument("--threads", type=limits.positive_int, default=2)
+    parser.add_argument("--rows", type=limits.positive_int, default=15, help="operators shown per table")
     parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override of the training side (bench/limits.py's --compare)")
     args = parser.parse_args()
-    if args.k != "all" and not (args.k.isdigit() and int(args.k) > 0):
-        parser.error(f"--k: expected a positive number or 'all', got {args.k!r}")
+    limits.check_training_args(parser, args)
     from alignprop_core.errors import ConfigError
 
     try:

@@ -196,3 +196,16 @@ def test_profile_step_reports_both_sides_and_their_attention_kernels():
     assert not any("backward" in name for name in inference["attention_kernels_s"])
     assert any("backward" in name for name in train["attention_kernels_s"])  # K=all: every call has a backward
     assert 0 < train["attention_share"] < 1
+
+
+@pytest.mark.parametrize("script, args, part", [
+    ("limits.py", ["--ks", "1,abc"], "--ks: expected a positive number or 'all', got 'abc'"),
+    ("limits.py", ["--repeats", "0"], "--repeats: expected an integer >= 1, got 0"),
+    ("limits.py", ["--size", "100"], "resolution: got 100"),
+    ("profile_step.py", ["--k", "-3"], "--k: expected a positive number or 'all', got '-3'"),
+    ("profile_step.py", ["--steps", "0"], "sample_num_steps: got 0"),
+    ("profile_step.py", ["--rows", "x"], "--rows: invalid positive_int value: 'x'")])
+def test_bench_scripts_refuse_bad_numbers_in_one_line(script, args, part):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--family", "sd", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
