@@ -97,8 +97,7 @@ class AlignPropConfig:
     truncation_max: Optional[int] = _f(None, "largest K for truncation=uniform, in [truncation_min, steps] "
                                        "(default: sample_num_steps)")
     truncation_mean: float = _f(8.0, "mean K for truncation=gaussian")
-    truncation_std: float = _f(5.0, "std of K for truncation=gaussian (> 0); K is rounded and clipped to "
-                               "[1, steps]")
+    truncation_std: float = _f(5.0, "std of K for truncation=gaussian (> 0); K is rounded and clipped to [1, steps]")
     draft_lv_n: int = _f(2, "truncation=draft_lv: re-noised copies of the last step whose reward gradients are "
                          "averaged (>= 1)")
     gradient_checkpointing: bool = _f(True, "recompute each denoiser call in backward instead of storing its "
@@ -107,6 +106,7 @@ class AlignPropConfig:
                                                       "as many grad calls as fit in this many GB, recompute the rest")
     fuse_lora_prefix: bool = _f(True, "denoiser calls without gradients run with the LoRA folded into the weights")
     compile_prefix: bool = _f(False, "torch.compile the denoiser for the calls without gradients (compiles once)")
+    compile_grad_calls: bool = _f(False, "torch.compile the denoiser for the calls with gradients (forward, backward)")
     block_checkpointing: bool = _f(False, "also checkpoint each block inside the denoiser (less memory for one "
                                    "call's backward: large transformers at 1024 px), ~1 more forward per grad call")
     vae_checkpointing: bool = _f(False, "checkpoint each block of the VAE decoder (where memory peaks at 1024 px: "

@@ -68,6 +68,7 @@ def sample_images(
     fuse_lora: bool = False,
     checkpoint_memory_budget_gb: Optional[float] = None,
     compile_prefix: bool = False,
+    compile_grad_calls: bool = False,
 ) -> torch.Tensor:
     """Run the denoising chain with ``pipe.scheduler`` and decode; returns float images ``[B, 3, height, width]``
     in ``[0, 1]`` (``[draft_lv_n * B, ...]`` with DRaFT-LV under grad: draw-major, each draw the whole batch).
@@ -85,12 +86,16 @@ def sample_images(
     fused_lora`), restored bit for bit before the first call with gradients. ``checkpoint_memory_budget_gb`` (with
     ``gradient_checkpointing``) keeps the activations of as many calls with gradients as fit and recomputes the rest
     (see :func:`_evaluator`). ``compile_prefix`` runs the calls without a graph (when grad is enabled) through
-    ``torch.compile`` of the denoiser, compiled once per denoiser (:func:`compiled_denoiser`).
+    ``torch.compile`` of the denoiser, compiled once per denoiser (:func:`compiled_denoiser`);
+    ``compile_grad_calls`` runs the calls with gradients through it too (the backward compiled by AOTAutograd).
     """
     family = family_of(pipe)
     denoiser = family.denoiser(pipe)  # unwrapped; ``unet`` may be its DDP wrapper
     budget = None if checkpoint_memory_budget_gb is None else int(checkpoint_memory_budget_gb * 1e9)
-    evaluate = _evaluator(family, unet if unet is not None else denoiser, gradient_checkpointing, budget)
+    # Compiled, the calls with gradients bypass a DDP wrapper (one compiled module for all calls): the trainer's
+    # gradients are averaged by grad_sync's one all-reduce, under no_sync, where DDP's forward arms nothing.
+    called = compiled_denoiser(denoiser) if compile_grad_calls else unet if unet is not None else denoiser
+    evaluate = _evaluator(family, called, gradient_checkpointing, budget, compiled=compile_grad_calls)
     if kl is not None:
         evaluate = kl.wrap(evaluate)
     scheduler = pipe.scheduler
@@ -121,7 +126,9 @@ def sample_images(
     # the calls without a graph may run with the LoRA folded into the base weights (restored exactly after), and
     # through the compiled denoiser
     prefix = grad and first_grad_step > 0
-    prefix_evaluate = _evaluator(family, compiled_denoiser(denoiser), False) if compile_prefix and prefix else evaluate
+    prefix_evaluate = evaluate
+    if compile_prefix and prefix:
+        prefix_evaluate = _evaluator(family, compiled_denoiser(denoiser), False, compiled=True)
     with fused_lora(denoiser) if fuse_lora and prefix else nullcontext():
         latents = denoise(range(first_grad_step), latents, prefix_evaluate)
     latents = denoise(range(first_grad_step, chain), latents, evaluate)
@@ -145,7 +152,7 @@ def compiled_denoiser(denoiser: torch.nn.Module) -> torch.nn.Module:
 
 
 def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing: bool,
-               memory_budget_bytes: Optional[int] = None) -> Evaluate:
+               memory_budget_bytes: Optional[int] = None, compiled: bool = False) -> Evaluate:
     """``evaluate(model_input, t, kwargs)``: one denoiser call, checkpointed when grad is on and asked for.
 
     With ``memory_budget_bytes`` (selective checkpointing) calls keep their activations while they fit in the budget
@@ -154,6 +161,17 @@ def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing
     when it alone exceeds the budget, as the backward of a checkpointed call holds one call's activations anyway.
     """
     kept = {"bytes": 0, "per_call": None}
+
+    def call(denoiser: torch.nn.Module, model_input: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]):
+        if compiled:
+            # dynamo guards on the grad mode and on whether the input requires grad. An input that requires grad
+            # under grad (a leaf where the chain starts) and a detached one without (the no-graph forward of a
+            # checkpointed call) make one graph per grad mode instead of four (recompiles counted: 4 -> 2).
+            if not torch.is_grad_enabled():
+                model_input = model_input.detach()
+            elif not model_input.requires_grad:
+                model_input = model_input.detach().requires_grad_()
+        return family.call_denoiser(denoiser, model_input, t, kwargs)
 
     def stored_call(model_input: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         if kept["per_call"] is None:
@@ -166,10 +184,10 @@ def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing
                 return tensor
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                out = family.call_denoiser(denoiser, model_input, t, kwargs)
+                out = call(denoiser, model_input, t, kwargs)
             kept["per_call"] = saved[0]
         else:
-            out = family.call_denoiser(denoiser, model_input, t, kwargs)
+            out = call(denoiser, model_input, t, kwargs)
         kept["bytes"] += kept["per_call"]
         return out
 
@@ -185,8 +203,8 @@ def _evaluator(family: Family, denoiser: torch.nn.Module, gradient_checkpointing
             # record the call.
             if not model_input.requires_grad:
                 model_input = model_input.detach().requires_grad_()
-            return checkpoint(family.call_denoiser, denoiser, model_input, t, kwargs, use_reentrant=True)
-        return family.call_denoiser(denoiser, model_input, t, kwargs)
+            return checkpoint(call, denoiser, model_input, t, kwargs, use_reentrant=True)
+        return call(denoiser, model_input, t, kwargs)
 
     evaluate.kept = kept  # for tests and benchmarks: bytes kept, bytes per call
     return evaluate
@@ -241,4 +259,4 @@ def sample_prompts(pipe: Any, prompts: list[str], config: "AlignPropConfig", *, 
                          gradient_checkpointing=config.gradient_checkpointing, kl=kl,
                          fuse_lora=config.fuse_lora_prefix and config.use_lora,
                          checkpoint_memory_budget_gb=config.checkpoint_memory_budget_gb,
-                         compile_prefix=config.compile_prefix)
+                         compile_prefix=config.compile_prefix, compile_grad_calls=config.compile_grad_calls)

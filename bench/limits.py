@@ -105,6 +105,16 @@ def parse_override(text: str) -> tuple[str, object]:
     return key, parsed
 
 
+def parse_overrides(text: str) -> dict[str, object]:
+    """One ``--compare`` case: ``key=value`` pairs separated by spaces (levers measured together), each read by
+    :func:`parse_override`, then checked together by ``AlignPropConfig.validate``."""
+    from alignprop_core.config import AlignPropConfig
+
+    overrides = dict(parse_override(part) for part in text.split()) if text.strip() else dict([parse_override(text)])
+    AlignPropConfig(**overrides).validate()
+    return overrides
+
+
 def trainer_for(folder: Path, family: str, k: str, args: argparse.Namespace, output_dir: str, **overrides):
     from alignprop_core import AlignPropConfig, AlignPropTrainer
 
@@ -131,13 +141,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
-                        help="also time each K with this config override (a lever off or on), in the same repeats")
+                        help="also time each K with this config override (a lever off or on; several levers together: "
+                        "'KEY=VALUE KEY2=VALUE2'), in the same repeats")
     args = parser.parse_args()
     check_training_args(parser, args)
     from alignprop_core.errors import ConfigError
 
     try:
-        overrides = [dict([parse_override(spec)]) for spec in args.compare]
+        overrides = [parse_overrides(spec) for spec in args.compare]
     except ConfigError as exc:
         parser.error(str(exc))
     warnings.filterwarnings("ignore")

@@ -45,7 +45,7 @@ def main() -> None:
     from alignprop_core.errors import ConfigError
 
     try:
-        overrides = dict(limits.parse_override(spec) for spec in args.compare)
+        overrides = {key: value for spec in args.compare for key, value in limits.parse_overrides(spec).items()}
     except ConfigError as exc:
         parser.error(str(exc))
     warnings.filterwarnings("ignore")

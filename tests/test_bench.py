@@ -178,7 +178,11 @@ def test_gpu_run_keeps_the_rows_of_a_process_stopped_by_the_budget():
 @pytest.mark.parametrize("spec, part", [("nope=1", "expected KEY=VALUE with KEY a config field"),
                                         ("compile_prefix", "expected KEY=VALUE"),
                                         ("fuse_lora_prefix=maybe", "fuse_lora_prefix: expected bool"),
-                                        ("checkpoint_memory_budget_gb=-1", "checkpoint_memory_budget_gb: got -1.0")])
+                                        ("checkpoint_memory_budget_gb=-1", "checkpoint_memory_budget_gb: got -1.0"),
+                                        ("compile_grad_calls=true nope=1", "expected KEY=VALUE with KEY a config"),
+                                        ("", "expected KEY=VALUE"),
+                                        ("gradient_checkpointing=false checkpoint_memory_budget_gb=4",
+                                         "empty when gradient_checkpointing is false")])
 def test_limits_refuses_a_bad_compare_in_one_line(spec, part):
     proc = subprocess.run([sys.executable, str(BENCH / "limits.py"), "--family", "sd", "--compare", spec],
                           capture_output=True, text=True, timeout=120)

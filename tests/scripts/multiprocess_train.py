@@ -5,7 +5,7 @@ logging/checkpoints, and writes this rank's first gradient, final LoRA and metri
 usage: multiprocess_train.py PIPELINE_DIR OUTPUT_DIR RESULT_DIR BATCH_SIZE
 
 MEMORY_BUDGET_GB=x sets checkpoint_memory_budget_gb; the denoiser calls checkpointed (recomputed in backward) are
-counted either way.
+counted either way. COMPILE_GRAD_CALLS=1 sets compile_grad_calls (a manual check, see docs/benchmarks.md).
 """
 
 import contextlib
@@ -22,7 +22,8 @@ pipeline, output_dir, result_dir, batch_size = sys.argv[1], sys.argv[2], sys.arg
 config = AlignPropConfig(pretrained_model=pipeline, rewards="saturation", num_epochs=4, sample_num_steps=4,
                          train_batch_size=batch_size, truncation="uniform", truncation_max=4, mixed_precision="no",
                          eval_num_samples=0, output_dir=output_dir, save_freq=2, train_learning_rate=1e-2,
-                         checkpoint_memory_budget_gb=float(os.environ.get("MEMORY_BUDGET_GB") or 0) or None)
+                         checkpoint_memory_budget_gb=float(os.environ.get("MEMORY_BUDGET_GB") or 0) or None,
+                         compile_grad_calls=os.environ.get("COMPILE_GRAD_CALLS") == "1")
 trainer = AlignPropTrainer(config)
 
 calls = {"recomputed": 0}
