@@ -90,7 +90,7 @@ def check_training_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error(str(exc))
 
 
-def parse_override(text: str) -> tuple[str, object]:
+def parse_override(text: str, option: str = "--compare") -> tuple[str, object]:
     """``key=value`` of ``--compare``: a config field and its value, read as the CLI reads ``--key value`` (the
     field's declared type) and checked by ``AlignPropConfig.validate``; a one-line ConfigError otherwise."""
     from alignprop_core.config import AlignPropConfig, field_type
@@ -99,18 +99,19 @@ def parse_override(text: str) -> tuple[str, object]:
 
     key, sep, value = text.partition("=")
     if not sep or key not in AlignPropConfig.__annotations__:
-        raise ConfigError(f"--compare: expected KEY=VALUE with KEY a config field, got {text!r}")
+        raise ConfigError(f"{option}: expected KEY=VALUE with KEY a config field, got {text!r}")
     parsed = coerce_text(key, field_type(key), value)
     AlignPropConfig(**{key: parsed}).validate()
     return key, parsed
 
 
-def parse_overrides(text: str) -> dict[str, object]:
+def parse_overrides(text: str, option: str = "--compare") -> dict[str, object]:
     """One ``--compare`` case: ``key=value`` pairs separated by spaces (levers measured together), each read by
     :func:`parse_override`, then checked together by ``AlignPropConfig.validate``."""
     from alignprop_core.config import AlignPropConfig
 
-    overrides = dict(parse_override(part) for part in text.split()) if text.strip() else dict([parse_override(text)])
+    parts = text.split() or [text]
+    overrides = dict(parse_override(part, option) for part in parts)
     AlignPropConfig(**overrides).validate()
     return overrides
 

@@ -30,6 +30,7 @@ def _config(args: argparse.Namespace, output_dir: str, **overrides):
                   mixed_precision="fp16" if args.device == "cuda" else "no",
                   gradient_checkpointing=bool(args.ckpt), eval_num_samples=0, output_dir=output_dir,
                   save_freq=10**9, checkpoint_memory_budget_gb=args.budget_gb, **truncation)
+    fields.update(args.set)
     fields.update(overrides)
     return AlignPropConfig(**fields)
 
@@ -108,7 +109,17 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--loras", default="[]", help="evaluate: JSON list of LoRA folders")
     parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--set", action="append", default=[], metavar="'KEY=VALUE ...'",
+                        help="config overrides of alignprop's side (levers on: bench/limits.py's --compare syntax)")
     args = parser.parse_args()
+    from limits import parse_overrides
+
+    from alignprop_core.errors import ConfigError
+
+    try:
+        args.set = {key: value for spec in args.set for key, value in parse_overrides(spec, "--set").items()}
+    except ConfigError as exc:
+        parser.error(str(exc))
     warnings.filterwarnings("ignore")
     {"alignprop": run_alignprop, "train": run_train, "evaluate": run_evaluate}[args.mode](args)
 

@@ -140,6 +140,7 @@ def summary_markdown(results: Path, suffix: str) -> str:
     if path.exists():
         data = json.loads(path.read_text())
         t = data["targets"]
+        levers = data["plan"].get("ours_levers")
         mem = "peak CUDA MiB" if data["device"] == "cuda" else "peak RSS MiB"
         lines += [f"**Step time and peak memory vs TRL 0.23.1 AlignPropTrainer** ({data['machine']['cpu'] or ''}"
                   f"{', ' + data['machine'].get('gpu', '') if data['device'] == 'cuda' else ''}, "
@@ -147,14 +148,21 @@ def summary_markdown(results: Path, suffix: str) -> str:
                   f"{data['plan']['batch']}, CFG 5, LoRA r=4; median of {data['plan']['epochs'] - 1} steps after "
                   "a warm-up)", "",
                   f"| pipeline | reward | K | ours s/step | TRL s/step | time ratio (≤ {t['time_ratio']}) | "
-                  f"ours {mem} | TRL {mem} | memory ratio (≤ {t['peak_ratio']}) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"ours {mem} | TRL {mem} | memory ratio (≤ {t['peak_ratio']}) |"
+                  + (" levers on: s/step | time ratio | memory ratio |" if levers else ""),
+                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if levers else "")]
         for c in data["cases"]:
             o, r = c["ours"], c["trl"]
-            lines.append(f"| {c['pipeline']} | {c['reward']} | {c['k']} | {_f(o.get('step_s'))} | "
-                         f"{_f(r.get('step_s'))} | {_f(c['time_ratio'])}{_ok(c['time_ratio'], t['time_ratio'])} | "
-                         f"{_f(o.get('peak_mib'), 0)} | {_f(r.get('peak_mib'), 0)} | "
-                         f"{_f(c['peak_ratio'])}{_ok(c['peak_ratio'], t['peak_ratio'])} |")
+            row = (f"| {c['pipeline']} | {c['reward']} | {c['k']} | {_f(o.get('step_s'))} | "
+                   f"{_f(r.get('step_s'))} | {_f(c['time_ratio'])}{_ok(c['time_ratio'], t['time_ratio'])} | "
+                   f"{_f(o.get('peak_mib'), 0)} | {_f(r.get('peak_mib'), 0)} | "
+                   f"{_f(c['peak_ratio'])}{_ok(c['peak_ratio'], t['peak_ratio'])} |")
+            if levers:
+                row += (f" {_f(c.get('ours_levers', {}).get('step_s'))} | {_f(c.get('time_ratio_levers'))}"
+                        f"{_ok(c.get('time_ratio_levers'), t['time_ratio'])} | {_f(c.get('peak_ratio_levers'))} |")
+            lines.append(row)
+        if levers:
+            lines.append(f"\nLevers on: `{levers}` (alignprop's opt-in speed settings), beside the same TRL run.")
         lines.append("")
     path = results / f"memory_vs_k{suffix}.json"
     if path.exists():

@@ -50,7 +50,9 @@ SAMPLE_EFFICIENCY = {"pipeline": "tiny16", "steps": 10, "ddpo_epochs": 64, "ddpo
 PLANS = {
     "full": {
         "vs_trl": {"cases": [("tiny16", "saturation"), ("tiny32", "saturation"), ("tiny16", "clip")],
-                   "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 4},
+                   "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 4,
+                   # alignprop once more with its opt-in speed levers on, beside the same TRL run
+                   "ours_levers": "compile_prefix=true compile_grad_calls=true checkpoint_memory_budget_gb=100"},
         "memory_vs_k": {"pipeline": "tiny32", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 2,
                         "epochs": 2},
         "sample_efficiency": SAMPLE_EFFICIENCY,
@@ -138,9 +140,16 @@ def bench_vs_trl(runner: Runner, plan: dict) -> dict:
             case = {"pipeline": kind, "reward": reward, "k": k, "ours": ours, "trl": trl,
                     "time_ratio": _ratio(ours, trl, "step_s"), "peak_ratio": _ratio(ours, trl, "peak_mib"),
                     "train_peak_ratio": _ratio(ours, trl, "train_peak_mib")}
-            cases.append(case)
             print(f"  {kind} {reward} K={k}: ours {_brief(ours)} | trl {_brief(trl)} | time ratio "
                   f"{_fmt(case['time_ratio'])}, peak ratio {_fmt(case['peak_ratio'])}", flush=True)
+            if plan.get("ours_levers"):
+                levers = runner.ours(*common, "--set", plan["ours_levers"], label="alignprop with levers")
+                case.update(ours_levers=levers, levers=plan["ours_levers"],
+                            time_ratio_levers=_ratio(levers, trl, "step_s"),
+                            peak_ratio_levers=_ratio(levers, trl, "peak_mib"))
+                print(f"    with {plan['ours_levers']}: {_brief(levers)} | time ratio "
+                      f"{_fmt(case['time_ratio_levers'])}, peak ratio {_fmt(case['peak_ratio_levers'])}", flush=True)
+            cases.append(case)
     return {"plan": plan, "cases": cases}
 
 

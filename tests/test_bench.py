@@ -189,6 +189,14 @@ def test_limits_refuses_a_bad_compare_in_one_line(spec, part):
     assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
 
 
+@pytest.mark.parametrize("spec, part", [("nope=1", "--set: expected KEY=VALUE with KEY a config field"),
+                                        ("compile_grad_calls=2", "compile_grad_calls: expected bool, got '2'")])
+def test_ours_refuses_a_bad_set_in_one_line(spec, part, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "ours.py"), "alignprop", "--pipeline", str(tmp_path), "--set",
+                           spec], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
+
+
 def test_profile_step_reports_both_sides_and_their_attention_kernels():
     proc = subprocess.run([sys.executable, str(BENCH / "profile_step.py"), "--family", "sd", "--steps", "3", "--size",
                            "64", "--rows", "3", "--compare", "checkpoint_memory_budget_gb=100"],
