@@ -202,7 +202,7 @@ def summary_markdown(results: Path, suffix: str) -> str:
             for name, k in names:
                 r = row["ratio"][name]
                 cells.append(f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f})"
-                             + (_ok(r["median"], goals[k]) if k in goals and name == k else ""))
+                             + (_ok(r["median"], goals[k]) if k in goals else ""))
             inference = sorted(row["times_s"]["inference"])[len(row["times_s"]["inference"]) // 2]
             lines.append(f"| {row['family']} | {inference:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -241,7 +241,8 @@ def write_summary(results: Path, suffix: str) -> Path:
 def main() -> None:
     for path in sorted(RESULTS.glob("*.json")):
         data = json.loads(path.read_text())
-        PLOTS[data["benchmark"]](data, path.with_suffix(".png"))
+        if data.get("benchmark") in PLOTS:  # not the single-script records (bench/limits.py --compare runs, ...)
+            PLOTS[data["benchmark"]](data, path.with_suffix(".png"))
     for suffix in ("", "-quick", "-cuda", "-smoke"):
         if any(RESULTS.glob(f"*{suffix}.json")):
             print(write_summary(RESULTS, suffix))

@@ -39,7 +39,9 @@ TARGETS = {"time_ratio": 0.7, "peak_ratio": 0.8, "k50_over_k1": 1.1, "k1_over_in
            "kall_over_inference": 3.0}
 LIMITS = {"families": ["sd", "sdxl", "sd3", "flux", "flux2-klein", "qwen-image", "z-image"], "ks": ["1", "all"],
           "steps": 50, "batch": 2, "size": 128, "repeats": 3,  # the issue's setting: 128 px, 50 steps, batch 2
-          "compare": ["fuse_lora_prefix=false", "checkpoint_memory_budget_gb=100"]}  # the levers off / on
+          # a lever off (fusing) or on, alone and all together: README's table comes from this one run
+          "compare": ["fuse_lora_prefix=false", "checkpoint_memory_budget_gb=100", "compile_prefix=true",
+                      "compile_prefix=true compile_grad_calls=true checkpoint_memory_budget_gb=100"]}
 
 # DDPO needs many images to move at all, so this benchmark trains the tiny pipeline in every mode (on CUDA too;
 # the full-size plan measures time and memory)
