@@ -77,6 +77,36 @@ class ClipAestheticReward(torch.nn.Module):
 REWARDS = {"saturation": SaturationReward, "clip": ClipAestheticReward}
 
 
+#: what the names of torch's operators contain, by the kind of work (CPU and CUDA attention kernels)
+KERNELS = {"attention": ("_flash_attention", "_efficient_attention", "_cudnn_attention"),
+           "convolution": ("convolution",), "matmul": ("aten::addmm", "aten::mm", "aten::bmm")}
+
+
+def kernel_seconds(events, names: tuple[str, ...]) -> dict[str, float]:
+    """Self CPU seconds of every operator in a profiler's ``key_averages()`` whose name contains one of ``names``."""
+    return {event.key: event.self_cpu_time_total / 1e6 for event in events if any(n in event.key for n in names)}
+
+
+def kernel_profile(fn: Callable[[], Any]) -> dict[str, Any]:
+    """Run ``fn`` once under torch.profiler (CPU) and say where its time went: the total self CPU seconds and the
+    seconds of each kind of kernel in KERNELS. Attention and convolution have their own backward operators, so
+    their backward is apart ("attention backward"); a matmul's backward is more matmuls, counted with the forward.
+    Self CPU time is kernel time on the CPU only, so the CPU workers alone offer it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    kinds = {}
+    for kind, names in KERNELS.items():
+        seconds = kernel_seconds(events, names)
+        backward = sum(s for name, s in seconds.items() if "backward" in name)
+        kinds[kind] = sum(seconds.values()) - backward
+        if kind != "matmul":
+            kinds[f"{kind} backward"] = backward
+    return {"self_cpu_s": sum(event.self_cpu_time_total for event in events) / 1e6, "kernels_s": kinds}
+
+
 def rss_mib() -> float:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as f:

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPTS, REWARDS, Meter, cycling_prompts, emit  # noqa: E402
+from common import PROMPTS, REWARDS, Meter, cycling_prompts, emit, kernel_profile  # noqa: E402
 
 
 def _config(args: argparse.Namespace, output_dir: str, **overrides):
@@ -44,7 +44,10 @@ def run_alignprop(args: argparse.Namespace) -> None:
         meter = Meter(args.device)
         meter.start()
         ks = [meter.step(trainer.train_step)["k"] for _ in range(args.epochs)]
-        emit({"side": "alignprop", **vars(args), "k_drawn": ks, **meter.result()})
+        result = meter.result()  # before the profiled step, which is not timed
+        if args.profile:
+            result["profile"] = kernel_profile(trainer.train_step)
+        emit({"side": "alignprop", **vars(args), "k_drawn": ks, **result})
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -109,9 +112,13 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--loras", default="[]", help="evaluate: JSON list of LoRA folders")
     parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--profile", action="store_true",
+                        help="alignprop mode, CPU: one extra, untimed step under torch.profiler (kernel seconds)")
     parser.add_argument("--set", action="append", default=[], metavar="'KEY=VALUE ...'",
                         help="config overrides of alignprop's side (levers on: bench/limits.py's --compare syntax)")
     args = parser.parse_args()
+    if args.profile and args.device != "cpu":
+        parser.error("--profile reads self CPU time, which is kernel time only on the CPU: drop it with --device cuda")
     from limits import parse_overrides
 
     from alignprop_core.errors import ConfigError

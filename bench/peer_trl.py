@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REWARDS, Meter, cycling_prompts, emit  # noqa: E402
+from common import REWARDS, Meter, cycling_prompts, emit, kernel_profile  # noqa: E402
 
 
 def _pipeline(path: str):
@@ -50,7 +50,10 @@ def run_alignprop(args: argparse.Namespace) -> None:
         global_step = 0
         for epoch in range(args.epochs):
             global_step = meter.step(lambda: trainer.step(epoch, global_step))
-        emit({"side": "trl", **vars(args), **meter.result()})
+        result = meter.result()  # before the profiled step, which is not timed
+        if args.profile:
+            result["profile"] = kernel_profile(lambda: trainer.step(args.epochs, global_step))
+        emit({"side": "trl", **vars(args), **result})
 
 
 def run_ddpo(args: argparse.Namespace) -> None:
@@ -114,7 +117,11 @@ def main() -> None:
     parser.add_argument("--ddpo-grad-accum", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=1, help="ddpo: save the LoRA every N epochs")
     parser.add_argument("--out", default="")
+    parser.add_argument("--profile", action="store_true",
+                        help="alignprop mode, CPU: one extra, untimed step under torch.profiler (kernel seconds)")
     args = parser.parse_args()
+    if args.profile and args.device != "cpu":
+        parser.error("--profile reads self CPU time, which is kernel time only on the CPU: drop it with --device cuda")
     warnings.filterwarnings("ignore")
     {"alignprop": run_alignprop, "ddpo": run_ddpo}[args.mode](args)
 

@@ -141,6 +141,7 @@ def summary_markdown(results: Path, suffix: str) -> str:
         data = json.loads(path.read_text())
         t = data["targets"]
         levers = data["plan"].get("ours_levers")
+        floor = any(c.get("kernel_floor") is not None for c in data["cases"])
         mem = "peak CUDA MiB" if data["device"] == "cuda" else "peak RSS MiB"
         lines += [f"**Step time and peak memory vs TRL 0.23.1 AlignPropTrainer** ({data['machine']['cpu'] or ''}"
                   f"{', ' + data['machine'].get('gpu', '') if data['device'] == 'cuda' else ''}, "
@@ -149,8 +150,9 @@ def summary_markdown(results: Path, suffix: str) -> str:
                   "a warm-up)", "",
                   f"| pipeline | reward | K | ours s/step | TRL s/step | time ratio (≤ {t['time_ratio']}) | "
                   f"ours {mem} | TRL {mem} | memory ratio (≤ {t['peak_ratio']}) |"
-                  + (" levers on: s/step | time ratio | memory ratio |" if levers else ""),
-                  "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if levers else "")]
+                  + (" levers on: s/step | time ratio | memory ratio |" if levers else "")
+                  + (" attention + convolution kernels / TRL step |" if floor else ""),
+                  "|---" * (9 + 3 * bool(levers) + floor) + "|"]
         for c in data["cases"]:
             o, r = c["ours"], c["trl"]
             row = (f"| {c['pipeline']} | {c['reward']} | {c['k']} | {_f(o.get('step_s'))} | "
@@ -160,9 +162,15 @@ def summary_markdown(results: Path, suffix: str) -> str:
             if levers:
                 row += (f" {_f(c.get('ours_levers', {}).get('step_s'))} | {_f(c.get('time_ratio_levers'))}"
                         f"{_ok(c.get('time_ratio_levers'), t['time_ratio'])} | {_f(c.get('peak_ratio_levers'))} |")
+            if floor:
+                row += f" {_f(c.get('kernel_floor'))} |"
             lines.append(row)
         if levers:
             lines.append(f"\nLevers on: `{levers}` (alignprop's opt-in speed settings), beside the same TRL run.")
+        if floor:
+            lines.append("The last column is the kernel floor: the self CPU seconds of alignprop's attention and "
+                         "convolution kernels in one profiled step" + (" with the levers" if levers else "")
+                         + ", over TRL's s/step: the time ratio if everything else took no time.")
         lines.append("")
     path = results / f"memory_vs_k{suffix}.json"
     if path.exists():

@@ -18,15 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import limits  # noqa: E402
-from common import PROMPTS, emit  # noqa: E402
-
-#: what the names of torch's attention kernels contain (forward and backward, CPU and CUDA)
-ATTENTION = ("_flash_attention", "_efficient_attention", "_cudnn_attention")
-
-
-def kernel_seconds(events, names: tuple[str, ...]) -> dict[str, float]:
-    """Self CPU seconds of every operator whose name contains one of ``names``."""
-    return {event.key: event.self_cpu_time_total / 1e6 for event in events if any(n in event.key for n in names)}
+from common import KERNELS, PROMPTS, emit, kernel_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -69,7 +61,7 @@ def main() -> None:
             print(f"===== {name}")
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
             total = sum(event.self_cpu_time_total for event in events) / 1e6
-            attention = kernel_seconds(events, ATTENTION)
+            attention = kernel_seconds(events, KERNELS["attention"])
             result[name] = {"self_cpu_s": total, "attention_kernels_s": attention,
                             "attention_share": sum(attention.values()) / total}
     emit({**vars(args), **result, "torch": torch.__version__})

@@ -54,7 +54,8 @@ PLANS = {
         "vs_trl": {"cases": [("tiny16", "saturation"), ("tiny32", "saturation"), ("tiny16", "clip")],
                    "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 4,
                    # alignprop once more with its opt-in speed levers on, beside the same TRL run
-                   "ours_levers": "compile_prefix=true compile_grad_calls=true checkpoint_memory_budget_gb=100"},
+                   "ours_levers": "compile_prefix=true compile_grad_calls=true checkpoint_memory_budget_gb=100",
+                   "profile": True},  # one more, untimed step per run, profiled: the kernel floor
         "memory_vs_k": {"pipeline": "tiny32", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 2,
                         "epochs": 2},
         "sample_efficiency": SAMPLE_EFFICIENCY,
@@ -130,13 +131,26 @@ def _ratio(a: dict, b: dict, key: str):
     return a[key] / b[key] if key in a and key in b and b[key] else None
 
 
+#: kernels that both sides call as often at K=1 (in the calls without gradients) and that compiling leaves as they are
+FLOOR_KERNELS = ("attention", "attention backward", "convolution", "convolution backward")
+
+
+def kernel_floor(ours: dict, trl: dict):
+    """The time ratio alignprop would reach if it spent nothing outside its attention and convolution kernels: their
+    seconds in its profiled step (bench/ours.py --profile) over TRL's s/step. None without a profile."""
+    if "profile" not in ours or not trl.get("step_s"):
+        return None
+    return sum(ours["profile"]["kernels_s"][kind] for kind in FLOOR_KERNELS) / trl["step_s"]
+
+
 def bench_vs_trl(runner: Runner, plan: dict) -> dict:
     cases = []
+    profile = ["--profile"] if plan.get("profile") and runner.args.device == "cpu" else []  # one more step each
     for kind, reward in plan["cases"]:
         path = str(runner.pipeline(kind))
         for k in plan["ks"]:
             common = ["alignprop", "--pipeline", path, "--reward", reward, "--k", k, "--steps", str(plan["steps"]),
-                      "--batch", str(plan["batch"]), "--epochs", str(plan["epochs"])]
+                      "--batch", str(plan["batch"]), "--epochs", str(plan["epochs"]), *profile]
             ours = runner.ours(*common)
             trl = runner.trl(*common)
             case = {"pipeline": kind, "reward": reward, "k": k, "ours": ours, "trl": trl,
@@ -151,6 +165,10 @@ def bench_vs_trl(runner: Runner, plan: dict) -> dict:
                             peak_ratio_levers=_ratio(levers, trl, "peak_mib"))
                 print(f"    with {plan['ours_levers']}: {_brief(levers)} | time ratio "
                       f"{_fmt(case['time_ratio_levers'])}, peak ratio {_fmt(case['peak_ratio_levers'])}", flush=True)
+            case["kernel_floor"] = kernel_floor(case.get("ours_levers", ours), trl)
+            if case["kernel_floor"] is not None:
+                print(f"    its attention and convolution kernels alone: {_fmt(case['kernel_floor'])} of TRL's step",
+                      flush=True)
             cases.append(case)
     return {"plan": plan, "cases": cases}
 

@@ -210,6 +210,69 @@ def test_profile_step_reports_both_sides_and_their_attention_kernels():
     assert 0 < train["attention_share"] < 1
 
 
+def test_kernel_profile_sorts_the_seconds_by_kind_of_kernel():
+    """bench/common.py's kernel_profile: each kind counted where it ran, backward apart, nothing where it did not."""
+    import torch
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from common import kernel_profile
+    finally:
+        sys.path.remove(str(BENCH))
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+
+    def step():
+        # (2, 2 heads, 256 tokens, 4): the last dimension contiguous, else torch's CPU SDPA takes the math path
+        q = conv(x).flatten(2).transpose(1, 2).contiguous().view(2, 256, 2, 4).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, 2 * q, 3 * q) @ torch.randn(4, 4)
+        out.sum().backward()
+
+    profile = kernel_profile(step)
+    kernels = profile["kernels_s"]
+    assert set(kernels) == {"attention", "attention backward", "convolution", "convolution backward", "matmul"}
+    assert all(seconds > 0 for seconds in kernels.values()), kernels
+    assert sum(kernels.values()) < profile["self_cpu_s"]
+    without = kernel_profile(lambda: conv(x).sum().backward())["kernels_s"]
+    assert without["attention"] == without["attention backward"] == without["matmul"] == 0
+    assert without["convolution"] > 0 and without["convolution backward"] > 0
+
+
+def test_kernel_floor_is_alignprops_attention_and_convolution_seconds_over_trls_step(tmp_path):
+    """bench/run.py's kernel floor, and the summary column that shows it (only where a profile was taken)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from plots import summary_markdown
+        from run import kernel_floor
+    finally:
+        sys.path.remove(str(BENCH))
+    kernels = {"attention": 3.0, "attention backward": 0.5, "convolution": 1.0, "convolution backward": 0.5,
+               "matmul": 9.0}
+    ours = {"step_s": 6.0, "peak_mib": 1.0, "profile": {"self_cpu_s": 6.0, "kernels_s": kernels}}
+    trl = {"step_s": 8.0, "peak_mib": 1.0}
+    assert kernel_floor(ours, trl) == 5.0 / 8.0  # matmul is not in it: compiling can fuse around those
+    assert kernel_floor({"step_s": 6.0}, trl) is None and kernel_floor(ours, {"error": "x"}) is None
+
+    def summary(case: dict) -> list[str]:
+        record = {"benchmark": "vs_trl", "targets": {"time_ratio": 0.7, "peak_ratio": 0.8}, "device": "cpu",
+                  "machine": {"cpu": "x", "cores": 2}, "plan": {"steps": 50, "batch": 2, "epochs": 4},
+                  "cases": [{"pipeline": "tiny16", "reward": "saturation", "k": "1", "ours": ours, "trl": trl,
+                             "time_ratio": 0.75, "peak_ratio": 1.0, **case}]}
+        (tmp_path / "vs_trl.json").write_text(json.dumps(record))
+        return [line for line in summary_markdown(tmp_path, "").splitlines() if line.startswith("| tiny16")]
+
+    assert summary({"kernel_floor": kernel_floor(ours, trl)})[0].endswith("| 0.62 |")
+    assert summary({})[0].endswith("| 1.00 ✗ |")  # no profile, no column
+
+
+@pytest.mark.parametrize("script", ["ours.py", "peer_trl.py"])
+def test_profile_is_refused_on_cuda_in_one_line(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / script), "alignprop", "--pipeline", str(tmp_path), "--profile",
+                           "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--profile reads self CPU time" in proc.stderr.strip().splitlines()[-1], \
+        proc.stderr[-500:]
+
+
 @pytest.mark.parametrize("script, args, part", [
     ("limits.py", ["--ks", "1,abc"], "--ks: expected a positive number or 'all', got 'abc'"),
     ("limits.py", ["--repeats", "0"], "--repeats: expected an integer >= 1, got 0"),
