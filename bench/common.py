@@ -96,7 +96,11 @@ def kernel_profile(fn: Callable[[], Any]) -> dict[str, Any]:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    events = prof.key_averages()
+    return kernel_summary(prof.key_averages())
+
+
+def kernel_summary(events) -> dict[str, Any]:
+    """kernel_profile's answer from a profiler's ``key_averages()``."""
     kinds = {}
     for kind, names in KERNELS.items():
         seconds = kernel_seconds(events, names)
@@ -105,6 +109,20 @@ def kernel_profile(fn: Callable[[], Any]) -> dict[str, Any]:
         if kind != "matmul":
             kinds[f"{kind} backward"] = backward
     return {"self_cpu_s": sum(event.self_cpu_time_total for event in events) / 1e6, "kernels_s": kinds}
+
+
+def add_profile_argument(parser) -> None:
+    """The workers' ``--profile`` flag (bench/ours.py, bench/peer_trl.py); check_profile_argument after parsing."""
+    parser.add_argument("--profile", action="store_true",
+                        help="alignprop mode, CPU: one extra, untimed step under torch.profiler (kernel seconds)")
+
+
+def check_profile_argument(parser, args) -> None:
+    """One line and exit 2 where ``--profile`` would measure nothing: off the CPU, or in another mode."""
+    if args.profile and args.device != "cpu":
+        parser.error("--profile reads self CPU time, which is kernel time only on the CPU: drop it with --device cuda")
+    if args.profile and args.mode != "alignprop":
+        parser.error(f"--profile profiles a training step of the alignprop mode: drop it with {args.mode}")
 
 
 def rss_mib() -> float:

@@ -16,7 +16,16 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROMPTS, REWARDS, Meter, cycling_prompts, emit, kernel_profile  # noqa: E402
+from common import (
+    PROMPTS,
+    REWARDS,
+    Meter,
+    add_profile_argument,
+    check_profile_argument,
+    cycling_prompts,
+    emit,
+    kernel_profile,  # noqa: E402
+)
 
 
 def _config(args: argparse.Namespace, output_dir: str, **overrides):
@@ -112,13 +121,11 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--loras", default="[]", help="evaluate: JSON list of LoRA folders")
     parser.add_argument("--eval-samples", type=int, default=16)
-    parser.add_argument("--profile", action="store_true",
-                        help="alignprop mode, CPU: one extra, untimed step under torch.profiler (kernel seconds)")
+    add_profile_argument(parser)
     parser.add_argument("--set", action="append", default=[], metavar="'KEY=VALUE ...'",
                         help="config overrides of alignprop's side (levers on: bench/limits.py's --compare syntax)")
     args = parser.parse_args()
-    if args.profile and args.device != "cpu":
-        parser.error("--profile reads self CPU time, which is kernel time only on the CPU: drop it with --device cuda")
+    check_profile_argument(parser, args)
     from limits import parse_overrides
 
     from alignprop_core.errors import ConfigError

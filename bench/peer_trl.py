@@ -17,7 +17,15 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REWARDS, Meter, cycling_prompts, emit, kernel_profile  # noqa: E402
+from common import (
+    REWARDS,
+    Meter,
+    add_profile_argument,
+    check_profile_argument,
+    cycling_prompts,
+    emit,
+    kernel_profile,  # noqa: E402
+)
 
 
 def _pipeline(path: str):
@@ -117,11 +125,9 @@ def main() -> None:
     parser.add_argument("--ddpo-grad-accum", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=1, help="ddpo: save the LoRA every N epochs")
     parser.add_argument("--out", default="")
-    parser.add_argument("--profile", action="store_true",
-                        help="alignprop mode, CPU: one extra, untimed step under torch.profiler (kernel seconds)")
+    add_profile_argument(parser)
     args = parser.parse_args()
-    if args.profile and args.device != "cpu":
-        parser.error("--profile reads self CPU time, which is kernel time only on the CPU: drop it with --device cuda")
+    check_profile_argument(parser, args)
     warnings.filterwarnings("ignore")
     {"alignprop": run_alignprop, "ddpo": run_ddpo}[args.mode](args)
 

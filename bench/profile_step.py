@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import limits  # noqa: E402
-from common import KERNELS, PROMPTS, emit, kernel_seconds  # noqa: E402
+from common import KERNELS, PROMPTS, emit, kernel_seconds, kernel_summary  # noqa: E402
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
             events = prof.key_averages()
             print(f"===== {name}")
             print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
-            total = sum(event.self_cpu_time_total for event in events) / 1e6
+            total = kernel_summary(events)["self_cpu_s"]
             attention = kernel_seconds(events, KERNELS["attention"])
             result[name] = {"self_cpu_s": total, "attention_kernels_s": attention,
                             "attention_share": sum(attention.values()) / total}

@@ -265,12 +265,17 @@ def test_kernel_floor_is_alignprops_attention_and_convolution_seconds_over_trls_
     assert summary({})[0].endswith("| 1.00 ✗ |")  # no profile, no column
 
 
-@pytest.mark.parametrize("script", ["ours.py", "peer_trl.py"])
-def test_profile_is_refused_on_cuda_in_one_line(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(BENCH / script), "alignprop", "--pipeline", str(tmp_path), "--profile",
-                           "--device", "cuda"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "--profile reads self CPU time" in proc.stderr.strip().splitlines()[-1], \
-        proc.stderr[-500:]
+@pytest.mark.parametrize("script, args, part", [
+    ("ours.py", ["alignprop", "--device", "cuda"], "--profile reads self CPU time"),
+    ("peer_trl.py", ["alignprop", "--device", "cuda"], "--profile reads self CPU time"),
+    ("ours.py", ["train"], "--profile profiles a training step of the alignprop mode: drop it with train"),
+    ("peer_trl.py", ["ddpo"], "--profile profiles a training step of the alignprop mode: drop it with ddpo")])
+def test_profile_is_refused_where_it_measures_nothing_in_one_line(script, args, part, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--pipeline", str(tmp_path), "--profile",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("script, args, part", [
