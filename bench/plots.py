@@ -39,15 +39,24 @@ def plot_vs_trl(data: dict, path: Path) -> Optional[Path]:
     if plt is None or not cases:
         return None
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cases) + 2), 4))
+    bars = [("time_ratio", "time per step, ours / TRL"), ("peak_ratio", "peak memory, ours / TRL")]
+    if any(c.get("time_ratio_levers") is not None for c in cases):
+        bars.insert(1, ("time_ratio_levers", "time per step, ours with the levers / TRL"))
+    width = 0.8 / len(bars)
+    for n, (key, label) in enumerate(bars):
+        values = [c.get(key) or 0 for c in cases]
+        rounds = [[r for r in c.get(f"{key}_rounds", []) if r is not None] or [v] for v, c in zip(values, cases)]
+        spread = [[v - min(r) for v, r in zip(values, rounds)], [max(r) - v for v, r in zip(values, rounds)]]
+        ax.bar([i + (n - (len(bars) - 1) / 2) * width for i in range(len(cases))], values, width, label=label,
+               yerr=spread, capsize=2)
     x = range(len(cases))
-    ax.bar([i - 0.2 for i in x], [c["time_ratio"] for c in cases], 0.4, label="time per step, ours / TRL")
-    ax.bar([i + 0.2 for i in x], [c["peak_ratio"] for c in cases], 0.4, label="peak memory, ours / TRL")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(data["targets"]["time_ratio"], color="C0", linestyle="--", linewidth=0.8, label="time target 0.7")
-    ax.axhline(data["targets"]["peak_ratio"], color="C1", linestyle="--", linewidth=0.8, label="memory target 0.8")
+    ax.axhline(data["targets"]["peak_ratio"], color=f"C{len(bars) - 1}", linestyle="--", linewidth=0.8,
+               label="memory target 0.8")
     ax.set_xticks(list(x), [_label(c) for c in cases], fontsize=8)
     ax.set_ylabel("ratio (lower is better for alignprop)")
-    top = max([c["time_ratio"] for c in cases] + [c["peak_ratio"] or 0 for c in cases])
+    top = max(c.get(key) or 0 for c in cases for key, _ in bars)
     ax.set_ylim(0, max(1.5, top + 0.5))  # headroom for the legend
     ax.set_title(f"alignprop vs TRL 0.23.1 AlignPropTrainer ({data['device']})")
     ax.legend(fontsize=7, loc="upper right")
@@ -133,6 +142,13 @@ def _ok(value, target) -> str:
     return "" if value is None else (" ✓" if value <= target else " ✗")
 
 
+def _ratio_cell(case: dict, key: str, goal: float) -> str:
+    """A time ratio against its goal, with the range of its rounds where there were several."""
+    rounds = [ratio for ratio in case.get(f"{key}_rounds", []) if ratio is not None]
+    spread = f" ({_f(min(rounds))}–{_f(max(rounds))})" if len(rounds) > 1 else ""
+    return f"{_f(case.get(key))}{spread}{_ok(case.get(key), goal)}"
+
+
 def summary_markdown(results: Path, suffix: str) -> str:
     """Markdown tables of the results with this suffix ("" full, "-quick", "-cuda")."""
     lines = []
@@ -141,13 +157,15 @@ def summary_markdown(results: Path, suffix: str) -> str:
         data = json.loads(path.read_text())
         t = data["targets"]
         levers = data["plan"].get("ours_levers")
+        rounds = data["plan"].get("rounds", 1)
         floor = any(c.get("kernel_floor") is not None for c in data["cases"])
         mem = "peak CUDA MiB" if data["device"] == "cuda" else "peak RSS MiB"
         lines += [f"**Step time and peak memory vs TRL 0.23.1 AlignPropTrainer** ({data['machine']['cpu'] or ''}"
                   f"{', ' + data['machine'].get('gpu', '') if data['device'] == 'cuda' else ''}, "
                   f"{data['machine']['cores']} cores; {data['plan']['steps']} DDIM steps, batch "
                   f"{data['plan']['batch']}, CFG 5, LoRA r=4; median of {data['plan']['epochs'] - 1} steps after "
-                  "a warm-up)", "",
+                  "a warm-up" + (f"; each case in {rounds} rounds minutes apart, s/step their median, time ratio the "
+                                 "median (range) of the rounds' paired ratios" if rounds > 1 else "") + ")", "",
                   f"| pipeline | reward | K | ours s/step | TRL s/step | time ratio (≤ {t['time_ratio']}) | "
                   f"ours {mem} | TRL {mem} | memory ratio (≤ {t['peak_ratio']}) |"
                   + (" levers on: s/step | time ratio | memory ratio |" if levers else "")
@@ -156,12 +174,12 @@ def summary_markdown(results: Path, suffix: str) -> str:
         for c in data["cases"]:
             o, r = c["ours"], c["trl"]
             row = (f"| {c['pipeline']} | {c['reward']} | {c['k']} | {_f(o.get('step_s'))} | "
-                   f"{_f(r.get('step_s'))} | {_f(c['time_ratio'])}{_ok(c['time_ratio'], t['time_ratio'])} | "
+                   f"{_f(r.get('step_s'))} | {_ratio_cell(c, 'time_ratio', t['time_ratio'])} | "
                    f"{_f(o.get('peak_mib'), 0)} | {_f(r.get('peak_mib'), 0)} | "
                    f"{_f(c['peak_ratio'])}{_ok(c['peak_ratio'], t['peak_ratio'])} |")
             if levers:
-                row += (f" {_f(c.get('ours_levers', {}).get('step_s'))} | {_f(c.get('time_ratio_levers'))}"
-                        f"{_ok(c.get('time_ratio_levers'), t['time_ratio'])} | {_f(c.get('peak_ratio_levers'))} |")
+                row += (f" {_f(c.get('ours_levers', {}).get('step_s'))} | "
+                        f"{_ratio_cell(c, 'time_ratio_levers', t['time_ratio'])} | {_f(c.get('peak_ratio_levers'))} |")
             if floor:
                 row += f" {_f(c.get('kernel_floor'))} |"
             lines.append(row)

@@ -55,7 +55,8 @@ PLANS = {
                    "ks": ["1", "all"], "steps": 50, "batch": 2, "epochs": 4,
                    # alignprop once more with its opt-in speed levers on, beside the same TRL run
                    "ours_levers": "compile_prefix=true compile_grad_calls=true checkpoint_memory_budget_gb=100",
-                   "profile": True},  # one more, untimed step per run, profiled: the kernel floor
+                   "profile": True,  # one more, untimed step per run, profiled: the kernel floor
+                   "rounds": 2},  # each case twice, minutes apart: ratios drift ±15 % between runs
         "memory_vs_k": {"pipeline": "tiny32", "ks": [1, 5, 10, 25, 50], "ckpt": [1, 0], "steps": 50, "batch": 2,
                         "epochs": 2},
         "sample_efficiency": SAMPLE_EFFICIENCY,
@@ -143,34 +144,69 @@ def kernel_floor(ours: dict, trl: dict):
     return sum(ours["profile"]["kernels_s"][kind] for kind in FLOOR_KERNELS) / trl["step_s"]
 
 
+#: the records each vs-TRL round holds: alignprop, TRL, and (plan key "ours_levers") alignprop with its levers
+SIDES = ("ours", "trl", "ours_levers")
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One case from its rounds. Each side's record is its first round's (peak memory, profile) with ``step_s`` the
+    median over the rounds; the time ratios are the median of the rounds' paired ratios (ours and TRL measured one
+    after the other, so a slow spell of the machine falls on both), their spread in ``time_ratio[_levers]_rounds``.
+    """
+    case: dict = {}
+    for side in [side for side in SIDES if side in runs[0]]:
+        records = [run[side] for run in runs]
+        case[side] = dict(records[0])
+        if all("step_s" in record for record in records):
+            case[side].update(step_s=statistics.median(r["step_s"] for r in records),
+                              step_s_rounds=[r["step_s"] for r in records])
+    for side, key in (("ours", "time_ratio"), ("ours_levers", "time_ratio_levers")):
+        if side in case:
+            ratios = [_ratio(run[side], run["trl"], "step_s") for run in runs]
+            case[f"{key}_rounds"] = ratios
+            case[key] = statistics.median(ratios) if None not in ratios else None
+    case.update(peak_ratio=_ratio(case["ours"], case["trl"], "peak_mib"),
+                train_peak_ratio=_ratio(case["ours"], case["trl"], "train_peak_mib"))
+    if "ours_levers" in case:
+        case["peak_ratio_levers"] = _ratio(case["ours_levers"], case["trl"], "peak_mib")
+    return case
+
+
 def bench_vs_trl(runner: Runner, plan: dict) -> dict:
-    cases = []
-    profile = ["--profile"] if plan.get("profile") and runner.args.device == "cpu" else []  # one more step each
-    for kind, reward in plan["cases"]:
-        path = str(runner.pipeline(kind))
-        for k in plan["ks"]:
-            common = ["alignprop", "--pipeline", path, "--reward", reward, "--k", k, "--steps", str(plan["steps"]),
-                      "--batch", str(plan["batch"]), "--epochs", str(plan["epochs"]), *profile]
-            ours = runner.ours(*common)
-            trl = runner.trl(*common)
-            case = {"pipeline": kind, "reward": reward, "k": k, "ours": ours, "trl": trl,
-                    "time_ratio": _ratio(ours, trl, "step_s"), "peak_ratio": _ratio(ours, trl, "peak_mib"),
-                    "train_peak_ratio": _ratio(ours, trl, "train_peak_mib")}
-            print(f"  {kind} {reward} K={k}: ours {_brief(ours)} | trl {_brief(trl)} | time ratio "
-                  f"{_fmt(case['time_ratio'])}, peak ratio {_fmt(case['peak_ratio'])}", flush=True)
+    """Every case ``rounds`` times (plan key, default 1), the rounds one after the other over all cases, so that
+    repeats of a case lie minutes apart; the first round also profiles one more, untimed step per run."""
+    rounds = plan.get("rounds", 1)
+    cases = [(kind, reward, k) for kind, reward in plan["cases"] for k in plan["ks"]]
+    runs: dict[tuple, list[dict]] = {case: [] for case in cases}
+    for number in range(rounds):
+        if rounds > 1:
+            print(f"  round {number + 1} of {rounds}", flush=True)
+        profile = ["--profile"] if plan.get("profile") and runner.args.device == "cpu" and number == 0 else []
+        for kind, reward, k in cases:
+            common = ["alignprop", "--pipeline", str(runner.pipeline(kind)), "--reward", reward, "--k", k,
+                      "--steps", str(plan["steps"]), "--batch", str(plan["batch"]), "--epochs", str(plan["epochs"]),
+                      *profile]
+            run = {"ours": runner.ours(*common), "trl": runner.trl(*common)}
+            print(f"  {kind} {reward} K={k}: ours {_brief(run['ours'])} | trl {_brief(run['trl'])} | time ratio "
+                  f"{_fmt(_ratio(run['ours'], run['trl'], 'step_s'))}", flush=True)
             if plan.get("ours_levers"):
-                levers = runner.ours(*common, "--set", plan["ours_levers"], label="alignprop with levers")
-                case.update(ours_levers=levers, levers=plan["ours_levers"],
-                            time_ratio_levers=_ratio(levers, trl, "step_s"),
-                            peak_ratio_levers=_ratio(levers, trl, "peak_mib"))
-                print(f"    with {plan['ours_levers']}: {_brief(levers)} | time ratio "
-                      f"{_fmt(case['time_ratio_levers'])}, peak ratio {_fmt(case['peak_ratio_levers'])}", flush=True)
-            case["kernel_floor"] = kernel_floor(case.get("ours_levers", ours), trl)
-            if case["kernel_floor"] is not None:
-                print(f"    its attention and convolution kernels alone: {_fmt(case['kernel_floor'])} of TRL's step",
-                      flush=True)
-            cases.append(case)
-    return {"plan": plan, "cases": cases}
+                run["ours_levers"] = runner.ours(*common, "--set", plan["ours_levers"], label="alignprop with levers")
+                print(f"    with {plan['ours_levers']}: {_brief(run['ours_levers'])} | time ratio "
+                      f"{_fmt(_ratio(run['ours_levers'], run['trl'], 'step_s'))}", flush=True)
+            runs[(kind, reward, k)].append(run)
+    out = []
+    for (kind, reward, k), case_runs in runs.items():
+        case = {"pipeline": kind, "reward": reward, "k": k, **merge_rounds(case_runs)}
+        if plan.get("ours_levers"):
+            case["levers"] = plan["ours_levers"]
+        case["kernel_floor"] = kernel_floor(case.get("ours_levers", case["ours"]), case["trl"])
+        print(f"  {kind} {reward} K={k}: time ratio {_fmt(case['time_ratio'])}"
+              + (f", with the levers {_fmt(case['time_ratio_levers'])}" if "ours_levers" in case else "")
+              + (f" (median of {rounds} rounds)" if rounds > 1 else "")
+              + (f"; attention and convolution kernels alone {_fmt(case['kernel_floor'])} of TRL's step"
+                 if case["kernel_floor"] is not None else ""), flush=True)
+        out.append(case)
+    return {"plan": plan, "cases": out}
 
 
 def bench_memory_vs_k(runner: Runner, plan: dict) -> dict:

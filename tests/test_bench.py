@@ -289,3 +289,57 @@ def test_bench_scripts_refuse_bad_numbers_in_one_line(script, args, part):
     proc = subprocess.run([sys.executable, str(BENCH / script), "--family", "sd", *args], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and part in proc.stderr.strip().splitlines()[-1], proc.stderr[-500:]
+
+
+def test_vs_trl_rounds_lie_apart_and_their_paired_ratios_give_the_median(tmp_path):
+    """bench/run.py's vs-TRL rounds: every case once per round (round 2 starts after round 1 ends), the profile only
+    in round 1, each side's s/step the median over rounds, the time ratio the median of the paired ratios, None where
+    a round failed; and the summary shows the rounds' range."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import run
+        from plots import summary_markdown
+    finally:
+        sys.path.remove(str(BENCH))
+
+    seconds = iter([6.0, 10.0, 5.0, 20.0, 8.0, 10.0, 4.0, 10.0])  # ours, trl per call in call order
+
+    class Recording:  # stands in for run.Runner: it records what would run, and reports made-up step times
+        args = type("Args", (), {"device": "cpu"})()
+        calls: list[tuple] = []
+
+        def pipeline(self, kind):
+            return tmp_path / kind
+
+        def _record(self, side, argv):
+            self.calls.append((side, argv[2], argv[6], "--profile" in argv))
+            return {"step_s": next(seconds), "peak_mib": 100.0, "train_peak_mib": 50.0,
+                    **({"profile": {"kernels_s": dict.fromkeys(run.FLOOR_KERNELS, 1.0)}} if "--profile" in argv
+                       else {})}
+
+        def ours(self, *argv, label="alignprop"):
+            return self._record("ours", argv)
+
+        def trl(self, *argv, label="trl"):
+            return self._record("trl", argv)
+
+    plan = {"cases": [("tiny16", "saturation")], "ks": ["1", "all"], "steps": 3, "batch": 1, "epochs": 2,
+            "profile": True, "rounds": 2}
+    data = run.bench_vs_trl(Recording(), plan)
+    assert {call[1] for call in Recording.calls} == {str(tmp_path / "tiny16")}
+    assert [(side, k, profiled) for side, _, k, profiled in Recording.calls] == [
+        ("ours", "1", True), ("trl", "1", True), ("ours", "all", True), ("trl", "all", True),  # round 1, profiled
+        ("ours", "1", False), ("trl", "1", False), ("ours", "all", False), ("trl", "all", False)]
+    k1, kall = data["cases"]
+    assert k1["time_ratio_rounds"] == [0.6, 0.8] and k1["time_ratio"] == pytest.approx(0.7)
+    assert k1["ours"]["step_s"] == 7.0 and k1["trl"]["step_s"] == 10.0 and k1["ours"]["step_s_rounds"] == [6.0, 8.0]
+    assert kall["time_ratio_rounds"] == [0.25, 0.4] and kall["time_ratio"] == pytest.approx(0.325)
+    assert k1["kernel_floor"] == pytest.approx(4.0 / 10.0)  # round 1's kernels over TRL's median step
+    failed = run.merge_rounds([{"ours": {"step_s": 1.0}, "trl": {"step_s": 2.0}}, {"ours": {"error": "x"},
+                                                                                   "trl": {"step_s": 2.0}}])
+    assert failed["time_ratio"] is None and failed["time_ratio_rounds"] == [0.5, None]
+    (tmp_path / "vs_trl.json").write_text(json.dumps({
+        **data, "benchmark": "vs_trl", "targets": {"time_ratio": 0.7, "peak_ratio": 0.8}, "device": "cpu",
+        "machine": {"cpu": "x", "cores": 2}}))
+    rows = [line for line in summary_markdown(tmp_path, "").splitlines() if line.startswith("| tiny16")]
+    assert "| 0.70 (0.60–0.80) ✓ |" in rows[0] and "| 0.33 (0.25–0.40) ✓ |" in rows[1]
