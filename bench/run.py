@@ -1,7 +1,7 @@
 """Benchmarks, alignprop side by side with TRL 0.23.1 (AlignPropTrainer, DDPOTrainer); writes bench/results/.
 
     bash bench/setup.sh                         # once: matplotlib, and the TRL peer in bench/.peer-venv
-    .venv/bin/python bench/run.py               # everything, about 20 min on 2 CPU cores
+    .venv/bin/python bench/run.py               # everything, about 65 min on 2 CPU cores
     .venv/bin/python bench/run.py --quick       # a smaller set, under 5 min
     .venv/bin/python bench/run.py --device cuda # full-size SD 1.5 architecture, 512 px, batch 1, on a GPU
 
